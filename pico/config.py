@@ -1,0 +1,256 @@
+"""Run configuration: nested dataclasses, YAML files and typed `section.key=value` overrides, strictly validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """`preset` fills the PicoDecoderConfig fields; any field set here overrides the preset."""
+
+    preset: Optional[str] = "tiny"
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    attention_n_heads: Optional[int] = None
+    attention_n_kv_heads: Optional[int] = None
+    activation_hidden_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    norm_eps: Optional[float] = None
+    position_emb_theta: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    """Pretokenized training data and how it is batched."""
+
+    path: str = "pico-lm/pretokenized-dolma"
+    seq_len: int = 2048
+    batch_size: int = 1024
+    micro_batch_size: int = 8
+    shuffle_seed: Optional[int] = None
+    wrap: bool = False
+    prefetch: int = 2
+
+
+@dataclass
+class TrainingConfig:
+    """Optimiser, schedule, parallelism and numerics."""
+
+    max_steps: int = 200_000
+    lr: float = 3e-4
+    warmup_steps: int = 2500
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 1.0
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 42
+    nan_policy: Literal["skip", "stop"] = "stop"
+
+
+@dataclass
+class CheckpointingConfig:
+    """Where the run directory lives, how often to checkpoint, and what to resume from."""
+
+    run_dir: str = "runs/pico"
+    save_every: int = 1000
+    resume: str = "auto"
+
+
+@dataclass
+class LearningDynamicsConfig:
+    """What learning dynamics are captured at every checkpoint step."""
+
+    enabled: bool = True
+    layers: list[str] = field(default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
+    positions: Literal["last", "all"] = "last"
+    eval_data: Optional[str] = None
+    eval_batch_size: int = 64
+    metrics: list[str] = field(default_factory=list)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class EvaluationConfig:
+    """Perplexity on a pretokenized eval set at every checkpoint step."""
+
+    data: Optional[str] = None
+    batch_size: int = 16
+    max_batches: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Console and tensorboard logging."""
+
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    learning_dynamics: LearningDynamicsConfig = field(default_factory=LearningDynamicsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        """The config as plain nested dicts (what `config.yaml` holds)."""
+        return dataclasses.asdict(self)
+
+    def model_config(self):
+        """Build the `PicoDecoderConfig` this run trains; invalid combinations raise ConfigError."""
+        from pico.model import PicoDecoderConfig
+
+        fields = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "preset" and v is not None}
+        try:
+            if self.model.preset is None:
+                return PicoDecoderConfig(**fields)
+            return PicoDecoderConfig.preset(self.model.preset, **fields)
+        except (TypeError, ValueError) as e:  # PicoDecoderConfig names the field: "model.d_model=..."
+            raise ConfigError(str(e)) from None
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`, converting where lossless (int → float, '3e-4' → float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict, override: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to the nested dict `tree`."""
+    if "=" not in override:
+        raise ConfigError(f"{override}: overrides look like section.key=value")
+    path, raw = override.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{path}: overrides look like section.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    section = tree.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]}: expected a mapping, got {section!r}")
+    section[parts[1]] = value
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that need more than one key."""
+    positive = {
+        "data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size,
+        "data.micro_batch_size": cfg.data.micro_batch_size, "training.max_steps": cfg.training.max_steps,
+        "checkpointing.save_every": cfg.checkpointing.save_every, "logging.log_every": cfg.logging.log_every,
+        "learning_dynamics.eval_batch_size": cfg.learning_dynamics.eval_batch_size,
+        "evaluation.batch_size": cfg.evaluation.batch_size, "training.lr": cfg.training.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.training.warmup_steps < 0:
+        raise ConfigError(f"training.warmup_steps: must be >= 0, got {cfg.training.warmup_steps}")
+    if cfg.data.batch_size % cfg.data.micro_batch_size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not a multiple of "
+                          f"data.micro_batch_size={cfg.data.micro_batch_size}")
+    if len(cfg.training.betas) != 2 or not all(0 <= b < 1 for b in cfg.training.betas):
+        raise ConfigError(f"training.betas: expected two values in [0, 1), got {cfg.training.betas}")
+    if not 0 <= cfg.training.min_lr_ratio <= 1:
+        raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {cfg.training.min_lr_ratio}")
+    if cfg.training.grad_clip is not None and cfg.training.grad_clip <= 0:
+        raise ConfigError(f"training.grad_clip: must be positive or null, got {cfg.training.grad_clip}")
+    model = cfg.model_config()
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
+        raise ConfigError("learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate; raise ConfigError."""
+    tree = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
+    for override in overrides:
+        _set_override(tree, override)
+    cfg = _build(Config, tree, "")
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
