@@ -1,0 +1,183 @@
+"""Hugging Face Llama layout: save a pico model as LlamaForCausalLM, load one back.
+
+Both use RoPE in the "rotate half" layout, so every weight maps over by name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from pico.model.decoder import PicoDecoder, PicoDecoderConfig
+
+_TOP_NAMES = {  # pico name -> Llama name
+    "embedding_proj.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "de_embedding_proj.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {  # within layers.{i} -> within model.layers.{i}
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.q_proj.weight": "self_attn.q_proj.weight",
+    "attention.k_proj.weight": "self_attn.k_proj.weight",
+    "attention.v_proj.weight": "self_attn.v_proj.weight",
+    "attention.o_proj.weight": "self_attn.o_proj.weight",
+    "swiglu_norm.weight": "post_attention_layernorm.weight",
+    "swiglu.w_0.weight": "mlp.gate_proj.weight",
+    "swiglu.w_1.weight": "mlp.up_proj.weight",
+    "swiglu.w_2.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES_INVERSE = {v: k for k, v in _TOP_NAMES.items()}
+_LAYER_NAMES_INVERSE = {v: k for k, v in _LAYER_NAMES.items()}
+
+
+def pico_to_llama_name(name: str) -> str:
+    """Llama name of a pico parameter, e.g. layers.0.swiglu.w_0.weight -> model.layers.0.mlp.gate_proj.weight."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if match is None or match[2] not in _LAYER_NAMES:
+        raise KeyError(f"pico parameter {name!r} has no Llama counterpart")
+    return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
+
+
+def llama_to_pico_name(name: str) -> str:
+    """pico parameter name of a Llama parameter name (inverse of pico_to_llama_name)."""
+    if name in _TOP_NAMES_INVERSE:
+        return _TOP_NAMES_INVERSE[name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match is None or match[2] not in _LAYER_NAMES_INVERSE:
+        raise KeyError(f"Llama parameter {name!r} has no pico counterpart")
+    return f"layers.{match[1]}.{_LAYER_NAMES_INVERSE[match[2]]}"
+
+
+def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The LlamaConfig fields (config.json) describing a pico architecture, plus a "pico" block."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.d_model,
+        "intermediate_size": config.activation_hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.attention_n_heads,
+        "num_key_value_heads": config.attention_n_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.position_emb_theta,  # transformers 4.x reads this ...
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.position_emb_theta},  # ... 5.x this
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "pico": config.to_dict(),
+    }
+
+
+def pico_config_from_llama(hf: dict, source: str = "config.json") -> PicoDecoderConfig:
+    """The pico architecture of a Llama config.json dict; unsupported variants raise a one-line ValueError."""
+    def reject(message: str):
+        raise ValueError(f"{source}: {message}; pico supports untied, bias-free Llama with plain RoPE")
+
+    if hf.get("model_type") != "llama":
+        reject(f"model_type={hf.get('model_type')!r} is not 'llama'")
+    if hf.get("tie_word_embeddings", False):
+        reject("tie_word_embeddings=true (tied embeddings) is not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key, False):
+            reject(f"{key}=true (biases) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        reject(f"hidden_act={hf['hidden_act']!r} is not supported")
+    if hf.get("rope_scaling"):
+        reject(f"rope_scaling={hf['rope_scaling']!r} is not supported")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+        reject(f"rope_parameters={rope!r} is not supported")
+    n_heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
+        reject(f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads")
+    return PicoDecoderConfig(
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        attention_n_heads=n_heads,
+        attention_n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        activation_hidden_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        position_emb_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+    )
+
+
+def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
+    """Raise a one-line ValueError unless state_dict has exactly the pico parameters of config, shapes included."""
+    with torch.device("meta"):
+        expected = PicoDecoder(config).state_dict()
+    for name in state_dict:
+        if name not in expected:
+            raise ValueError(f"{source}: unexpected parameter {name!r} for this model config")
+    for name, ref in expected.items():
+        if name not in state_dict:
+            raise ValueError(f"{source}: missing parameter {name!r}")
+        if tuple(state_dict[name].shape) != tuple(ref.shape):
+            raise ValueError(f"{source}: parameter {name!r} has shape {tuple(state_dict[name].shape)}, "
+                             f"expected {tuple(ref.shape)}")
+
+
+def save_pretrained(model_or_state_dict: nn.Module | dict[str, torch.Tensor], config: PicoDecoderConfig,
+                    directory: str | Path):
+    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in pico names."""
+    state_dict = model_or_state_dict
+    if isinstance(model_or_state_dict, nn.Module):
+        state_dict = model_or_state_dict.state_dict()
+    _check_state_dict(state_dict, config, "save_pretrained")
+    dtypes = {t.dtype for t in state_dict.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"save_pretrained: parameters mix dtypes {sorted(map(str, dtypes))}; cast them to one")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(llama_config(config, dtypes.pop()), indent=2) + "\n")
+
+
+def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, keyed by Llama name."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors checkpoints are supported)")
+
+
+def from_pretrained(directory: str | Path) -> PicoDecoder:
+    """Load a PicoDecoder (fp32, CPU) from a Llama-layout directory: ours or one transformers saved."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist")
+    config = pico_config_from_llama(json.loads(config_path.read_text()), source=str(config_path))
+    state_dict = {}
+    for name, tensor in _load_llama_tensors(directory).items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer some transformers versions saved; recomputed here
+            continue
+        try:
+            state_dict[llama_to_pico_name(name)] = tensor
+        except KeyError as err:
+            raise ValueError(f"{directory}: {err.args[0]}") from None
+    _check_state_dict(state_dict, config, str(directory))
+    with torch.device("meta"):
+        model = PicoDecoder(config)
+    model.to_empty(device="cpu")
+    model.init_rope()
+    model.load_state_dict(state_dict)  # copies into the fp32 parameters, whatever the saved dtype
+    return model
