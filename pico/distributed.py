@@ -1,0 +1,140 @@
+"""Process-group set-up from the torchrun environment and `parallelize()`: the one place parallelism is applied."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size, local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the rank that writes files and logs."""
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Init the process group from torchrun's env (nccl on CUDA, gloo on CPU); a plain 1-process run needs none."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), device_id=
+                                device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def resolve_strategy(strategy: str, world_size: int, device: torch.device) -> str:
+    """`auto` → `fsdp` on several GPUs, `ddp` otherwise; one process always runs unwrapped (`single`)."""
+    if world_size == 1:
+        return "single"
+    if strategy == "auto":
+        return "fsdp" if device.type == "cuda" else "ddp"
+    return strategy
+
+
+def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device,
+                precision: str = "fp32", activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
+    """Apply activation checkpointing, per-block compile, then DDP or FSDP2 (per block, then root).
+
+    `model` must have its weights materialised on `device` and expose its blocks as `model.layers`.
+    Returns the model to train (a DDP wrapper for `ddp`, the same module otherwise).
+    """
+    strategy = resolve_strategy(strategy, world_size, device)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if strategy == "ddp":
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if strategy == "fsdp":
+        mp = None
+        if precision == "bf16-mixed":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        for i, block in enumerate(model.layers):
+            # The last block's parameters are needed again at once by backward: keep them gathered.
+            fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    if strategy != "single":
+        raise ValueError(f"training.strategy: unknown strategy {strategy!r} (expected auto, ddp or fsdp)")
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under any DDP wrapper (FSDP2 and compile keep the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter inside the block unless `enabled` (accumulation)."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def autocast(precision: str, device: torch.device, model: nn.Module):
+    """bf16 autocast for `bf16-mixed` unless FSDP2's MixedPrecisionPolicy already casts; else a no-op."""
+    if precision == "bf16-mixed" and not isinstance(model, FSDPModule):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's gathered weights after a no-grad forward (no backward will): else a block kept
+    unsharded (reshard_after_forward=False) would run its next forward on weights from before optimizer.step."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks in place (no-op without a process group) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was created."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
