@@ -1,0 +1,287 @@
+"""TokenStream: a fixed global sample order, split into rank slices and micro-batches, resumable, prefetched."""
+
+import atexit
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pico.data.shards import DataError, RowGroupReader, ShardIndex, build_index
+
+_LIVE_STREAMS: "weakref.WeakSet[TokenStream]" = weakref.WeakSet()
+
+
+class SampleOrder:
+    """Maps (epoch, sample) to (row group, row): file order, or a seeded block shuffle reseeded every epoch."""
+
+    def __init__(self, index: ShardIndex, shuffle_seed: int | None = None):
+        self.index, self.seed = index, shuffle_seed
+        self._blocks: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, row group order, their starts)
+        self._rows: tuple[int, int, np.ndarray] | None = None  # (epoch, row group, row permutation)
+
+    def locate(self, epoch: int, i: int) -> tuple[int, int]:
+        """Row group and row inside it of sample `i` (0 ≤ i < num_samples) of epoch `epoch`."""
+        if self.seed is None:
+            g = int(np.searchsorted(self.index.rg_start, i, side="right")) - 1
+            return g, i - int(self.index.rg_start[g])
+        if self._blocks is None or self._blocks[0] != epoch:
+            order = np.random.default_rng(self.seed + epoch).permutation(len(self.index.rg_rows))
+            starts = np.concatenate([[0], np.cumsum(self.index.rg_rows[order])[:-1]])
+            self._blocks = (epoch, order, starts)
+        _, order, starts = self._blocks
+        j = int(np.searchsorted(starts, i, side="right")) - 1
+        g = int(order[j])
+        if self._rows is None or self._rows[:2] != (epoch, g):
+            perm = np.random.default_rng([self.seed + epoch, g]).permutation(int(self.index.rg_rows[g]))
+            self._rows = (epoch, g, perm)
+        return g, int(self._rows[2][i - int(starts[j])])
+
+
+class TokenStream:
+    """Micro-batches `(inputs, labels)` of this rank's slice of each global batch, read ahead on a thread.
+
+    Global batch s is samples [s·B, (s+1)·B) of the fixed order; rank r owns [s·B + r·B/W, s·B + (r+1)·B/W),
+    cut into B/(micro_batch_size·W) consecutive micro-batches.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        seq_len: int,
+        batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int | None = None,
+        shuffle_seed: int | None = None,
+        wrap: bool = False,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+    ):
+        if min(seq_len, batch_size, micro_batch_size, world_size) < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"data: need seq_len, batch_size, micro_batch_size, world_size ≥ 1 and 0 ≤ rank < world_size, got "
+                f"{seq_len=}, {batch_size=}, {micro_batch_size=}, {world_size=}, {rank=}"
+            )
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"data.batch_size={batch_size} must be a multiple of data.micro_batch_size={micro_batch_size} "
+                f"× world size {world_size}"
+            )
+        if prefetch < 0:
+            raise ValueError(f"data: prefetch must be ≥ 0, got {prefetch}")
+        self.path, self.seq_len, self.vocab_size = str(path), seq_len, vocab_size
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_seed, self.wrap, self.prefetch, self.device = shuffle_seed, wrap, prefetch, torch.device(device)
+        self.accumulation_steps = batch_size // (micro_batch_size * world_size)
+        self.index = build_index(self.path)
+        self.num_samples = self.index.num_samples
+        self._order = SampleOrder(self.index, shuffle_seed)
+        self._reader = RowGroupReader(self.index, seq_len + 1, vocab_size)
+        self._consumed = 0  # micro-batches handed to the caller
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        _LIVE_STREAMS.add(self)
+
+    @property
+    def row_groups_read(self) -> int:
+        """Row groups decoded so far by this rank (read-ahead included)."""
+        return self._reader.row_groups_read
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefetch == 0:
+            inputs, labels = self._read(self._consumed)
+        else:
+            inputs, labels = self._take()
+        self._consumed += 1
+        if self.device.type != "cpu":
+            inputs = inputs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        return inputs, labels  # (mb, seq_len) each
+
+    def state_dict(self) -> dict:
+        """Position after the micro-batches consumed so far, in global samples (world-size free at batch ends)."""
+        s, k = divmod(self._consumed, self.accumulation_steps)
+        samples = s * self.batch_size + k * self.micro_batch_size * self.world_size
+        return {
+            "samples": samples, "epoch": samples // self.num_samples, "num_samples": self.num_samples,
+            "shuffle_seed": self.shuffle_seed, "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the saved position; any world size / micro-batch size if saved at a global-batch end."""
+        if state["num_samples"] != self.num_samples:
+            raise DataError(
+                f"{self.path}: data state was saved on {state['num_samples']} samples, the data now has "
+                f"{self.num_samples}"
+            )
+        if state["shuffle_seed"] != self.shuffle_seed:
+            raise ValueError(
+                f"data state was saved with shuffle_seed={state['shuffle_seed']}, stream has {self.shuffle_seed}"
+            )
+        samples = state["samples"]
+        if samples % self.batch_size == 0:
+            consumed = samples // self.batch_size * self.accumulation_steps
+        elif all(state[k] == getattr(self, k) for k in ("batch_size", "micro_batch_size", "world_size")):
+            s, rest = divmod(samples, self.batch_size)
+            consumed = s * self.accumulation_steps + rest // (self.micro_batch_size * self.world_size)
+        else:
+            raise ValueError(
+                f"data state at sample {samples} is inside a global batch of {state['batch_size']} "
+                f"(micro_batch_size={state['micro_batch_size']}, world size {state['world_size']}); it restores "
+                f"only with the same settings, not batch_size={self.batch_size}, "
+                f"micro_batch_size={self.micro_batch_size}, world size {self.world_size}"
+            )
+        self._stop_thread()
+        self._consumed = consumed
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close open files."""
+        if self._stop_thread():
+            self._reader.close()
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_reader", None) is not None:
+            self.close()
+
+    def _read(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch number `m` of this rank, as (inputs, labels) int64 CPU tensors (pinned for CUDA)."""
+        B, n = self.batch_size, self.num_samples
+        s, k = divmod(m, self.accumulation_steps)
+        if not self.wrap and (s + 1) * B > n:
+            raise DataError(
+                f"{self.path}: end of data: it has {n} samples, global batch {s} asks for samples "
+                f"[{s * B}, {(s + 1) * B}); use more data or wrap=True"
+            )
+        start = s * B + self.rank * (B // self.world_size) + k * self.micro_batch_size
+        rows = []
+        for g in range(start, start + self.micro_batch_size):
+            epoch, i = divmod(g, n)
+            group, row = self._order.locate(epoch, i)
+            rows.append(self._reader.read(group)[row])
+        ids = torch.from_numpy(np.stack(rows).astype(np.int64))  # (mb, seq_len + 1)
+        pin = self.device.type == "cuda"
+        inputs = torch.empty(ids.shape[0], self.seq_len, dtype=torch.int64, pin_memory=pin)
+        labels = torch.empty(ids.shape[0], self.seq_len, dtype=torch.int64, pin_memory=pin)
+        inputs.copy_(ids[:, :-1]), labels.copy_(ids[:, 1:])
+        return inputs, labels
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+            self._thread = threading.Thread(
+                target=_prefetch, args=(weakref.ref(self), self._consumed, self._queue, self._stop),
+                daemon=True, name="pico-data-prefetch",
+            )
+            self._thread.start()
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"{self.path}: data prefetch thread exited") from None
+        if isinstance(item, BaseException):
+            self._stop_thread()
+            raise item
+        return item
+
+    def _stop_thread(self, timeout: float = 30.0) -> bool:
+        """Stop and join the prefetch thread, dropping what it read ahead; False if it did not stop in time."""
+        if self._thread is None:
+            return True
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while True:
+            while not self._queue.empty():  # make room, so a producer blocked in put() wakes up and sees `stop`
+                self._queue.get_nowait()
+            if self._thread is threading.current_thread():  # dropped by its own prefetch thread, which now exits
+                return False
+            self._thread.join(0.01)
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                break
+        if self._thread.is_alive():
+            return False
+        self._thread = self._queue = self._stop = None
+        return True
+
+
+def _prefetch(ref: "weakref.ref[TokenStream]", m: int, out: queue.Queue, stop: threading.Event) -> None:
+    """Prefetch thread: read micro-batches from number `m` on until stopped, the stream is dropped, or an error."""
+    while not stop.is_set():
+        stream = ref()
+        if stream is None:
+            return
+        try:
+            item = stream._read(m)
+        except BaseException as e:  # handed to the consumer, raised at the micro-batch that failed
+            item = e
+        del stream  # hold no reference while waiting, so a dropped stream is collected and closed
+        out.put(item)  # blocks while `prefetch` items wait; close() drains the queue to unblock it
+        if isinstance(item, BaseException):
+            return
+        m += 1
+
+
+@atexit.register
+def _close_live_streams() -> None:
+    for stream in list(_LIVE_STREAMS):
+        stream._stop_thread(timeout=5.0)
+
+
+def read_batch(path: str, n: int, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
+    """The first `n` rows of `path` in file order as an int64 tensor (n, seq_len + 1), e.g. a fixed eval batch."""
+    if n < 1:
+        raise ValueError(f"read_batch: n must be ≥ 1, got {n}")
+    index = build_index(path)
+    if index.num_samples < n:
+        raise DataError(f"{path}: asked for {n} rows, the data has {index.num_samples}")
+    reader, rows, have = RowGroupReader(index, seq_len + 1, vocab_size), [], 0
+    for g in range(len(index.rg_rows)):
+        if have == n:
+            break
+        rows.append(reader.read(g)[: n - have])
+        have += len(rows[-1])
+    reader.close()
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def iter_eval_batches(
+    path: str,
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    vocab_size: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint per-rank `(inputs, labels)` batches of `batch_size` rows, ⌊N / (batch_size·W)⌋ on every rank.
+
+    Every rank yields the same number of batches; global batch s is rows [s·b·W, (s+1)·b·W) in file order and rank
+    r takes rows [s·b·W + r·b, s·b·W + (r+1)·b). The remainder of fewer than b·W rows is not evaluated.
+    """
+    stream = TokenStream(path, seq_len, batch_size * world_size, batch_size, rank, world_size, vocab_size, prefetch=0)
+    batches = stream.num_samples // (batch_size * world_size)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    try:
+        for _ in range(batches):
+            yield next(stream)
+    finally:
+        stream.close()

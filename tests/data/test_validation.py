@@ -1,0 +1,108 @@
+"""Bad input is one DataError naming the file and row; nothing is skipped or padded."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pico.data import DataError, TokenStream, read_batch
+from tests.data.conftest import ROW_LEN, make_shards, write_rows
+
+SEQ = ROW_LEN - 1
+
+
+def first_batches(path, **kw):
+    """Read every row of the data through the stream (one global batch of 8, one micro-batch)."""
+    with TokenStream(path, SEQ, 8, 8, prefetch=0, **kw) as stream:
+        return [next(stream) for _ in range(stream.num_samples // 8)]
+
+
+def test_data_error_is_a_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+def test_wrong_row_length_names_file_and_row(tmp_path):
+    rows = [[1] * ROW_LEN for _ in range(16)]
+    rows[11] = [1] * (ROW_LEN + 3)
+    bad = write_rows(tmp_path / "d" / "b.parquet", rows)
+    with pytest.raises(DataError, match=rf"{bad}: row 11 has 12 tokens, expected seq_len \+ 1 = 9"):
+        first_batches(bad.parent)
+
+
+def test_token_outside_vocab_names_file_and_row(tmp_path):
+    make_shards(tmp_path / "d", (8, 16))  # tokens of row g are 9g .. 9g + 8; the first ≥ 100 is in row 11
+    with pytest.raises(DataError, match=r"part-1\.parquet: row 3 has token id 100, expected in \[0, vocab_size=100\)"):
+        first_batches(tmp_path / "d", vocab_size=100)
+    assert len(first_batches(tmp_path / "d", vocab_size=9 * 24)) == 3
+    write_rows(tmp_path / "neg" / "n.parquet", [[0] * ROW_LEN] * 5 + [[0] * 4 + [-7] + [0] * 4] + [[0] * ROW_LEN] * 2)
+    with pytest.raises(DataError, match=r"n\.parquet: row 5 has token id -7, expected non-negative"):
+        first_batches(tmp_path / "neg")
+
+
+def test_null_row(tmp_path):
+    bad = write_rows(tmp_path / "d" / "b.parquet", [[1] * ROW_LEN] * 6 + [None] + [[1] * ROW_LEN])
+    with pytest.raises(DataError, match=rf"{bad}: row 6 is null"):
+        first_batches(bad.parent)
+
+
+def test_missing_column(tmp_path):
+    path = tmp_path / "d" / "x.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"tokens": pa.array([[1] * ROW_LEN] * 8)}), path)
+    with pytest.raises(DataError, match=rf"{path}: no 'input_ids' column \(columns: \['tokens'\]\)"):
+        TokenStream(path.parent, SEQ, 8, 8)
+
+
+def test_wrong_column_type(tmp_path):
+    path = tmp_path / "d" / "x.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array(["text"] * 8)}), path)
+    with pytest.raises(DataError, match=rf"{path}: column 'input_ids' has type string, expected a list of integers"):
+        read_batch(path.parent, 1, SEQ)
+
+
+def test_empty_file(tmp_path):
+    make_shards(tmp_path / "d", (8,))
+    empty = write_rows(tmp_path / "d" / "z.parquet", [])
+    with pytest.raises(DataError, match=rf"{empty}: file has no rows"):
+        TokenStream(tmp_path / "d", SEQ, 8, 8)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a parquet file at all"])
+def test_unreadable_file(tmp_path, content):
+    make_shards(tmp_path / "d", (8,))
+    broken = tmp_path / "d" / "broken.parquet"
+    broken.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{broken}: unreadable parquet file"):
+        TokenStream(tmp_path / "d", SEQ, 8, 8)
+
+
+def test_no_files_match(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path}/nothing-\*\.parquet: no parquet files match this path"):
+        TokenStream(f"{tmp_path}/nothing-*.parquet", SEQ, 8, 8)
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(DataError, match="empty-dir: no parquet files match"):
+        read_batch(tmp_path / "empty-dir", 1, SEQ)
+
+
+def test_error_surfaces_from_the_prefetch_thread_in_order(tmp_path):
+    rows = [[1] * ROW_LEN for _ in range(24)]
+    rows[20] = [1] * 3
+    write_rows(tmp_path / "d" / "b.parquet", rows)
+    stream = TokenStream(tmp_path / "d", SEQ, 8, 8, prefetch=2)
+    next(stream), next(stream)  # row groups 0 and 1 are fine
+    with pytest.raises(DataError, match="row 20 has 3 tokens"):
+        next(stream)
+    stream.close()
+
+
+def test_corrupt_row_group_names_file_and_rows(tmp_path):
+    path = write_rows(tmp_path / "d" / "c.parquet", [[i] * ROW_LEN for i in range(32)])
+    chunk = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    start, size = chunk.data_page_offset, chunk.total_compressed_size
+    data[start:start + size] = b"\xff" * size
+    path.write_bytes(bytes(data))  # the footer still reads: the damage shows when rows 16..23 are read
+    with TokenStream(path.parent, SEQ, 8, 8, prefetch=0) as stream:
+        next(stream), next(stream)
+        with pytest.raises(DataError, match=rf"{path}: cannot read rows 16\.\.23 \(OSError: [^\n]*\)$"):
+            next(stream)
