@@ -70,6 +70,8 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile:
+        # Guard on module hooks, so hooks that pico.capture adds later recompile the block instead of being ignored.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         for block in model.layers:
             block.compile()
     if strategy == "ddp":
