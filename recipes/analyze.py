@@ -1,0 +1,38 @@
+"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
+
+    python recipes/analyze.py --run runs/tiny                                  # the default analysis
+    python recipes/analyze.py --run runs/tiny --config recipes/configs/analyze.yaml --plot
+    python recipes/analyze.py --run runs/tiny --run runs/small metrics=[cka] compare=runs data_types=[activations]
+
+Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
+metrics.csv, tensorboard/ and, with --plot, plots/*.png. Bad input exits with code 2 and one line.
+"""
+
+import argparse
+import sys
+
+from pico.analysis import analyze, load_spec, save
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Metrics × components × checkpoints of pico run directories.")
+    parser.add_argument("--run", action="append", required=True, metavar="DIR", help="run directory (repeatable)")
+    parser.add_argument("--config", metavar="FILE", help="analysis spec (YAML); default: the default analysis")
+    parser.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. steps=[0,1000]")
+    args = parser.parse_args(argv)
+
+    try:
+        spec = load_spec(args.config, args.overrides)
+        rows = analyze(args.run, spec)
+        written = save(rows, args.run, spec, plot=args.plot)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(rows)} values; wrote:")
+    for path in written:
+        print(f"  {path}")
+
+
+if __name__ == "__main__":
+    main()

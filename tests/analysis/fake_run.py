@@ -1,0 +1,63 @@
+"""Generate a small run directory in the layout of contract 3, with real safetensors files and no training."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+MODULES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+
+
+def _shapes(d_model: int, n_heads: int, n_kv_heads: int, hidden: int) -> dict[str, tuple[int, int]]:
+    d_head = d_model // n_heads
+    return {"attention.v_proj": (n_kv_heads * d_head, d_model), "attention.o_proj": (d_model, n_heads * d_head),
+            "swiglu.w_2": (d_model, hidden)}
+
+
+def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16, n_heads: int = 4,
+             n_kv_heads: int = 2, hidden: int = 32, n_samples: int = 32, seq_len: int = 8, seed: int = 0,
+             nan: tuple[int, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `run_dir/checkpoints/step_<N>/{model/config.json, learning_dynamics/*.safetensors}` for each step.
+
+    Tensors drift smoothly with the step. `nan=(step, key)` puts a NaN into that tensor. A `step_5/` with a
+    model but no learning_dynamics/ is written too, which analysis must skip.
+    """
+    run_dir = Path(run_dir)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.Generator().manual_seed(1234)  # token ids: the same in every run, as with a shared data seed
+    shapes = _shapes(d_model, n_heads, n_kv_heads, hidden)
+    names = {f"layers.{i}.{m}": shapes[m] for i in range(n_layers) for m in MODULES}
+    start = {name: torch.randn(shape, generator=g) for name, shape in names.items()}
+    drift = {name: torch.randn(shape, generator=g) for name, shape in names.items()}
+    inputs = torch.randn(n_samples, d_model, generator=g)  # the fixed eval batch, embedded
+    eval_ids = torch.randint(0, 100, (n_samples, seq_len + 1), generator=data)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d_model,
+              "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
+              "intermediate_size": hidden}
+    for step in steps:
+        ckpt = run_dir / "checkpoints" / f"step_{step}"
+        (ckpt / "model").mkdir(parents=True, exist_ok=True)
+        (ckpt / "model" / "config.json").write_text(json.dumps(config))
+        weights = {name: start[name] + step / 10 * drift[name] for name in names}
+        files = {"weights": {f"weights.{n}": w for n, w in weights.items()}}
+        for split in ("train", "eval"):
+            x = inputs if split == "eval" else torch.randn(n_samples, d_model, generator=g)
+            ids = eval_ids if split == "eval" else torch.randint(0, 100, (n_samples, seq_len + 1), generator=data)
+            tensors = {"input_ids": ids}
+            for name, w in weights.items():
+                features = x if w.shape[1] == d_model else torch.randn(n_samples, w.shape[1], generator=g)
+                tensors[f"activations.{name}"] = torch.tanh(features @ w.T)  # (N, out_features)
+                tensors[f"gradients.{name}"] = torch.randn(w.shape, generator=g) / (1 + step)
+            files[split] = tensors
+        for split, tensors in files.items():
+            for key, t in tensors.items():
+                if nan == (step, key):
+                    t.view(-1)[0] = float("nan")
+            ld = ckpt / "learning_dynamics"
+            ld.mkdir(exist_ok=True)
+            save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+                      ld / f"{split}.safetensors", metadata={"step": str(step), "split": split})
+    (run_dir / "checkpoints" / "step_5" / "model").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{max(steps)}")
+    return run_dir
