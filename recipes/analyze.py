@@ -10,6 +10,7 @@ metrics.csv, tensorboard/ and, with --plot, plots/*.png. Bad input exits with co
 
 import argparse
 import sys
+from pathlib import Path
 
 from pico.analysis import analyze, load_spec, save
 
@@ -29,9 +30,13 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    pngs = [p for p in written if str(p).endswith(".png")]
     print(f"{len(rows)} values; wrote:")
     for path in written:
-        print(f"  {path}")
+        if path not in pngs:
+            print(f"  {path}")
+    for folder in sorted({p.parent for p in map(Path, pngs)}):
+        print(f"  {folder}/ ({sum(Path(p).parent == folder for p in pngs)} plots)")
 
 
 if __name__ == "__main__":

@@ -32,5 +32,5 @@ print(f"tensorboard:  tensorboard --logdir {run}")
 print(f"checkpoints:  {run / 'checkpoints'} (model/ loads with transformers.AutoModelForCausalLM)")
 for csv in sorted((run / "analysis").glob("*/metrics.csv")):
     print(f"metrics:      {csv}")
-    print(f"plots:        {csv.parent}/*.png")
+    print(f"plots:        {csv.parent / 'plots'}/")
 PY

@@ -211,15 +211,17 @@ class PicoDecoder(nn.Module):
     def init_weights(self, std: float = 0.02):
         """Initialise every parameter and buffer: N(0, std) for embeddings and linear layers, with
         o_proj and w_2 (the writes into the residual stream) scaled down to std / sqrt(2 * n_layers)
-        as in GPT-2 and OLMo; RMSNorm weights to 1. Works after meta construction + to_empty()."""
+        as in GPT-2 and OLMo; every other module with `reset_parameters` (the norms, also a LayerNorm
+        that a recipe fork swaps in) is reset by it, so RMSNorm weights start at 1. Works after meta
+        construction + to_empty()."""
         self.init_rope()
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual_write = name.endswith(("attention.o_proj", "swiglu.w_2"))
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_write else std)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of parameters; exclude_embedding drops the input embedding table (a lookup,

@@ -1,0 +1,43 @@
+"""docs/forking.md's commands, run verbatim (with OVERRIDES for a micro model), so the walkthrough cannot rot."""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.recipes.test_pretrain import MODEL, SEQ, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_forking_walkthrough_runs(tmp_path):
+    blocks = re.findall(r"^```bash\n(.*?)^```$", (ROOT / "docs" / "forking.md").read_text(), re.S | re.M)
+    assert len(blocks) == 3, "fork, train, compare"
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
+    train, evals = write_shards(tmp_path / "train", 96, seed=1), write_shards(tmp_path / "eval", 8, seed=2, files=1)
+    overrides = [*MODEL, f"data.path={train}", f"data.seq_len={SEQ}", "data.batch_size=8", "data.micro_batch_size=2",
+                 "training.max_steps=4", "training.warmup_steps=1", "checkpointing.save_every=2",
+                 f"learning_dynamics.eval_data={evals}", "learning_dynamics.eval_batch_size=8",
+                 f"evaluation.data={evals}", "evaluation.batch_size=4"]
+    env = {**os.environ, "OVERRIDES": " ".join(overrides), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
+    for block in blocks:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, f"{block}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+    fork = (repo / "recipes" / "pretrain_layernorm.py").read_text()
+    assert fork.count("torch.nn.LayerNorm") == 3
+    from safetensors.torch import load_file  # the two variants trained different weights
+
+    a = load_file(repo / "runs" / "rmsnorm" / "checkpoints" / "step_4" / "model" / "model.safetensors")
+    b = load_file(repo / "runs" / "layernorm" / "checkpoints" / "step_4" / "model" / "model.safetensors")
+    assert not all((a[k] == b[k]).all() for k in a)
+    rows = list(csv.DictReader(open(repo / "runs" / "layernorm" / "analysis" / "norms" / "metrics.csv")))
+    assert {r["metric"] for r in rows} == {"cka@rmsnorm"}
+    assert {int(r["step"]) for r in rows} == {0, 2, 4}
+    assert all(0 <= float(r["value"]) <= 1 + 1e-9 for r in rows)
+    assert list((repo / "runs" / "layernorm" / "analysis" / "norms" / "plots").glob("*.png"))
+    assert (repo / "runs" / "rmsnorm" / "analysis" / "default" / "metrics.csv").is_file()
