@@ -163,10 +163,14 @@ def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Pa
 
 
 def copy_tokenizer(tokenizer: Path, path: Path, max_len: int) -> None:
-    """Copy `tokenizer.json` next to the weights with a `tokenizer_config.json` so AutoTokenizer loads it."""
+    """Copy `tokenizer.json` next to the weights with a `tokenizer_config.json` so AutoTokenizer loads it;
+    its first special token becomes the EOS token, also in the model's `config.json` (for `generate`)."""
     shutil.copy(tokenizer, path / "tokenizer.json")
-    special = [t["content"] for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
+    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     if special:
-        config["eos_token"] = special[0]
+        config["eos_token"] = special[0]["content"]
+        model_config = json.loads((path / "config.json").read_text())
+        model_config["eos_token_id"] = model_config["bos_token_id"] = special[0]["id"]
+        (path / "config.json").write_text(json.dumps(model_config, indent=2))
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

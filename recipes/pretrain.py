@@ -79,8 +79,8 @@ def main(argv=None):
         stream = TokenStream(d.path, d.seq_len, d.batch_size, d.micro_batch_size, dist.rank, dist.world_size,
                              vocab_size=model_cfg.vocab_size, shuffle_seed=d.shuffle_seed, wrap=d.wrap,
                              prefetch=d.prefetch, device=dist.device)
-    except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except ValueError as e:  # a batch split that does not divide, or unreadable data (names the file)
+        print(f"data error: {e}", file=sys.stderr)
         sys.exit(2)
     accum = stream.accumulation_steps
     eval_ids = None
