@@ -1,0 +1,186 @@
+"""The analysis pass: every metric of a spec over the checkpoints of each run, as rows of the tidy table."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from pico.analysis.checkpoints import Checkpoint, _selections, _suffix, discover_steps
+from pico.analysis.spec import DEFAULT_SPEC, DTYPES, AnalysisSpec, ComponentSpec, MetricSpec, SpecError, parse_spec
+from pico.components import COMPONENTS
+from pico.metrics import get_metric
+
+
+class Row(NamedTuple):
+    """One value of the tidy table; split, layer and head are None where they do not apply."""
+
+    run: str
+    step: int
+    split: str | None
+    data_type: str
+    component: str
+    layer: int | None
+    head: int | None
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A metric entry resolved against the spec's defaults."""
+
+    spec: MetricSpec
+    data_types: tuple[str, ...]
+    splits: tuple[str, ...]
+    components: tuple[ComponentSpec, ...] | None
+    compare: str
+    target_step: int | str
+
+
+def _tasks(spec: AnalysisSpec) -> list[_Task]:
+    tasks = []
+    for i, m in enumerate(spec.metrics):
+        metric = get_metric(m.name)
+        data_types = m.data_types or tuple(d for d in spec.data_types if d in metric.data_types)
+        if not data_types:
+            raise SpecError(f"metrics[{i}]: {m.name} suits {', '.join(metric.data_types)}, none of data_types "
+                            f"{list(spec.data_types)}; give it its own data_types")
+        compare, splits = m.compare or spec.compare, m.splits or spec.splits
+        if metric.comparative and compare == "steps":
+            if m.splits and "train" in m.splits:
+                raise SpecError(f"metrics[{i}].splits: {m.name} compares steps, and the train split holds a "
+                                "different batch at every step; use splits: [eval]")
+            splits = tuple(s for s in splits if s != "train")
+            if not splits and "weights" not in data_types:
+                raise SpecError(f"metrics[{i}]: {m.name} compares steps, which needs the eval split; "
+                                "give it splits: [eval]")
+        tasks.append(_Task(m, data_types, splits, m.components or spec.components, compare,
+                           m.target_step if m.target_step is not None else spec.target_step))
+    return tasks
+
+
+def _measure(metric, params: dict, dtype, x: torch.Tensor, ref: torch.Tensor | None) -> float:
+    kwargs = dict(params, dtype=dtype) if "dtype" in metric.__signature__.parameters else params
+    return float(metric(x, **kwargs) if ref is None else metric(x, ref, **kwargs))
+
+
+def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, split) -> torch.Tensor:
+    """A simple component's tensor (module given) or a compound component's (module None)."""
+    if module is None:
+        return ckpt.component(component, layer, data_type, split)
+    return ckpt.load(data_type, module, split)
+
+
+def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, label: str) -> list[Row]:
+    """All rows of one metric entry at one checkpoint (compared against `ref` for comparative metrics)."""
+    metric, params, rows = get_metric(task.spec.name), dict(task.spec.params), []
+    for data_type in task.data_types:
+        for split in (None,) if data_type == "weights" else task.splits:
+            if ref is not None and split is not None:
+                ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
+                if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
+                    raise ValueError(f"{task.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
+                                     "so their activations describe different samples")
+            components = task.components or [ComponentSpec(s) for s in
+                                              dict.fromkeys(_suffix(m) for m in ckpt.modules(data_type, split))]
+            for comp in components:
+                compound = COMPONENTS.get(comp.name)
+                if compound is not None and data_type not in compound.data_types:
+                    continue
+                for layer, module in _selections(ckpt, comp, data_type, split):
+                    x = _tensor(ckpt, comp.name, layer, module, data_type, split)
+                    y = None if ref is None else _tensor(ref, comp.name, layer, module, data_type, split)
+                    heads = range(x.shape[0]) if compound and compound.per_head else [None]
+                    for head in heads:
+                        try:
+                            value = _measure(metric, params, ckpt.dtype, x if head is None else x[head],
+                                             None if y is None else (y if head is None else y[head]))
+                        except ValueError as e:
+                            where = " ".join(str(p) for p in (ckpt.dir, split, data_type, module or comp.name)
+                                             if p is not None)
+                            raise ValueError(f"{where}: {e}") from None
+                        rows.append(Row(run, ckpt.step, split, data_type, comp.name, layer, head, label, value))
+    return rows
+
+
+def run_names(runs) -> list[str]:
+    """Run names for the table: each run directory's folder name (they must differ)."""
+    names = [Path(r).resolve().name for r in runs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"two runs are both named {name!r}; the run column needs distinct folder names")
+    return names
+
+
+def _device_dtype(spec: AnalysisSpec) -> tuple[torch.device, torch.dtype]:
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device: {spec.device} asked for, but torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = DTYPES[spec.dtype] or (torch.float64 if device.type == "cpu" else torch.float32)
+    return device, dtype
+
+
+def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True) -> list[Row]:
+    """Compute every metric of `spec` (default: DEFAULT_SPEC) over the checkpoints of each run directory."""
+    from tqdm.auto import tqdm
+
+    spec = spec if isinstance(spec, AnalysisSpec) else parse_spec(DEFAULT_SPEC if spec is None else spec)
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("analyze: no run directories given")
+    names = dict(zip(runs, run_names(runs)))
+    device, dtype = _device_dtype(spec)
+    tasks = _tasks(spec)
+    if any(t.compare == "runs" and get_metric(t.spec.name).comparative for t in tasks) and len(runs) < 2:
+        raise SpecError("compare: 'runs' compares each run with the first, so it needs at least two --run")
+    available = {run: discover_steps(run) for run in runs}
+    selected = {}
+    for run in runs:
+        missing = [] if spec.steps == "all" else sorted(set(spec.steps) - set(available[run]))
+        if missing:
+            raise ValueError(f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})")
+        selected[run] = available[run] if spec.steps == "all" else list(spec.steps)
+    pinned: dict[tuple[Path, int], Checkpoint] = {}  # comparison targets, kept for the whole pass
+
+    def checkpoint(run, step, keep=False):
+        if (run, step) in pinned:
+            return pinned[run, step]
+        ckpt = Checkpoint(run, step, device, dtype)
+        if keep:
+            pinned[run, step] = ckpt
+        return ckpt
+
+    targets = {}
+    for i, task in enumerate(tasks):
+        if get_metric(task.spec.name).comparative and task.compare == "steps":
+            for run in runs:
+                target = available[run][-1] if task.target_step == "last" else task.target_step
+                if target not in available[run]:
+                    raise ValueError(f"{run}: target_step {target} has no learning_dynamics "
+                                     f"(steps: {available[run]})")
+                targets[i, run] = target
+
+    rows = []
+    steps = sorted(set().union(*selected.values()))
+    with tqdm(total=sum(map(len, selected.values())), desc="analysis", unit="ckpt", disable=not progress) as bar:
+        for step in steps:
+            ckpts = {run: checkpoint(run, step) for run in runs if step in selected[run]}
+            for run, ckpt in ckpts.items():
+                for i, task in enumerate(tasks):
+                    ref, label = None, task.spec.label
+                    if get_metric(task.spec.name).comparative and task.compare == "steps":
+                        ref = checkpoint(run, targets[i, run], keep=True)
+                        label = f"{label}@step_{ref.step}"
+                    elif get_metric(task.spec.name).comparative:
+                        if run == runs[0] or runs[0] not in ckpts:
+                            continue
+                        ref, label = ckpts[runs[0]], f"{label}@{names[runs[0]]}"
+                    rows.extend(_task_rows(names[run], ckpt, task, ref, label))
+                bar.update()
+    return rows

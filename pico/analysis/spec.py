@@ -1,0 +1,220 @@
+"""Analysis specs: their keys, DEFAULT_SPEC, and parsing and validation (keys documented in docs/analysis.md)."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pico.components import DATA_TYPES
+from pico.metrics import get_metric
+
+SPLITS = ("train", "eval")
+COMPARE = ("steps", "runs")
+DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+
+# The analysis `python recipes/analyze.py --run DIR` runs; recipes/configs/analyze.yaml spells out the same.
+DEFAULT_SPEC = {
+    "name": "default",
+    "steps": "all",
+    "splits": ["train", "eval"],
+    "data_types": ["weights", "gradients"],
+    "metrics": ["per", "condition_number",
+                {"name": "norm", "kind": "fro"}, {"name": "norm", "kind": "nuc"},
+                {"name": "norm", "kind": "spectral"}, {"name": "norm", "kind": "inf"},
+                {"name": "cka", "data_types": ["activations"], "splits": ["eval"]}],
+    "compare": "steps",
+    "target_step": "last",
+}
+_TOP_KEYS = ("name", "steps", "splits", "data_types", "components", "metrics", "compare", "target_step",
+             "device", "dtype")
+_METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare", "target_step")
+
+
+class SpecError(ValueError):
+    """An analysis spec (YAML or overrides) with an unknown key or an impossible value."""
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A component by name (a module-name suffix or a registered compound component), optionally some layers."""
+
+    name: str
+    layers: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric entry: its parameters, table label, and what it applies to (None: the spec's default)."""
+
+    name: str
+    label: str
+    params: tuple[tuple[str, Any], ...] = ()
+    data_types: tuple[str, ...] | None = None
+    splits: tuple[str, ...] | None = None
+    components: tuple[ComponentSpec, ...] | None = None
+    compare: str | None = None
+    target_step: int | str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """What to compute: metrics × data types × splits × components × steps (docs/analysis.md)."""
+
+    metrics: tuple[MetricSpec, ...]
+    name: str = "default"
+    steps: str | tuple[int, ...] = "all"
+    splits: tuple[str, ...] = SPLITS
+    data_types: tuple[str, ...] = DATA_TYPES
+    components: tuple[ComponentSpec, ...] | None = None  # None: every captured module
+    compare: str = "steps"
+    target_step: int | str = "last"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+# ---------------------------------------------------------------- spec parsing
+
+
+def _names(value, where: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+        raise SpecError(f"{where}: expected a non-empty list of names from {list(allowed)}, got {value!r}")
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise SpecError(f"{where}: unknown {bad[0]!r}; choose from {list(allowed)}")
+    return tuple(items)
+
+
+def _ints(value, where: str) -> tuple[int, ...]:
+    items = [value] if isinstance(value, int) else value
+    if not isinstance(items, list) or not items or not all(type(v) is int and v >= 0 for v in items):
+        raise SpecError(f"{where}: expected a non-negative integer or a list of them, got {value!r}")
+    return tuple(items)
+
+
+def _unknown(raw: dict, allowed, where: str):
+    for key in raw:
+        if key not in allowed:
+            raise SpecError(f"{where}{key}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _components(value, where: str) -> tuple[ComponentSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"{where}: expected a non-empty list of component names or {{name, layers}} entries")
+    specs = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise SpecError(f"{where}[{i}]: expected a name or a mapping with 'name', got {entry!r}")
+        _unknown(entry, ("name", "layers"), f"{where}[{i}].")
+        layers = _ints(entry["layers"], f"{where}[{i}].layers") if "layers" in entry else None
+        specs.append(ComponentSpec(entry["name"], layers))
+    return tuple(specs)
+
+
+def _compare(value, where: str) -> str:
+    if value not in COMPARE:
+        raise SpecError(f"{where}: must be one of {list(COMPARE)}, got {value!r}")
+    return value
+
+
+def _target(value, where: str) -> int | str:
+    if value != "last" and not (type(value) is int and value >= 0):
+        raise SpecError(f"{where}: must be 'last' or a step number, got {value!r}")
+    return value
+
+
+def _label(name: str, params: dict) -> str:
+    """`norm` + {kind: fro} -> `norm_fro`; True flags add their key (`cka_debiased`), False ones nothing."""
+    parts = [name]
+    for key, value in params.items():
+        if value is True:
+            parts.append(key)
+        elif value is not False:
+            parts.append(str(value))
+    return "_".join(parts)
+
+
+def _metric(entry, i: int) -> MetricSpec:
+    where = f"metrics[{i}]"
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise SpecError(f"{where}: expected a metric name or a mapping with 'name', got {entry!r}")
+    try:
+        metric = get_metric(entry["name"])
+    except ValueError as e:
+        raise SpecError(f"{where}.name: {e}") from None
+    _unknown(entry, _METRIC_KEYS + metric.params, f"{where}.")
+    params = {k: v for k, v in entry.items() if k in metric.params}
+    label = entry.get("label", _label(metric.name, params))
+    if not isinstance(label, str) or not label:
+        raise SpecError(f"{where}.label: expected a non-empty string, got {label!r}")
+    data_types = _names(entry["data_types"], f"{where}.data_types", DATA_TYPES) if "data_types" in entry else None
+    for data_type in data_types or ():
+        if data_type not in metric.data_types:
+            raise SpecError(f"{where}.data_types: {metric.name} does not suit {data_type} "
+                            f"(it suits {', '.join(metric.data_types)})")
+    return MetricSpec(
+        name=metric.name, label=label, params=tuple(params.items()), data_types=data_types,
+        splits=_names(entry["splits"], f"{where}.splits", SPLITS) if "splits" in entry else None,
+        components=_components(entry["components"], f"{where}.components") if "components" in entry else None,
+        compare=_compare(entry["compare"], f"{where}.compare") if "compare" in entry else None,
+        target_step=_target(entry["target_step"], f"{where}.target_step") if "target_step" in entry else None)
+
+
+def parse_spec(raw: dict) -> AnalysisSpec:
+    """Validate a spec mapping (as read from YAML); a SpecError names the first bad key."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"analysis config: expected a mapping of keys, got {type(raw).__name__}")
+    _unknown(raw, _TOP_KEYS, "")
+    if not isinstance(raw.get("metrics"), list) or not raw["metrics"]:
+        raise SpecError("metrics: expected a non-empty list of metric names or {name, ...} entries")
+    metrics = tuple(_metric(entry, i) for i, entry in enumerate(raw["metrics"]))
+    labels = [m.label for m in metrics]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise SpecError(f"metrics: two entries share the label {label!r}; give one a distinct 'label'")
+    name = raw.get("name", "default")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise SpecError(f"name: expected a folder name (letters, digits, _ . -), got {name!r}")
+    steps = raw.get("steps", "all")
+    if steps != "all":
+        steps = tuple(sorted(set(_ints(steps, "steps"))))
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if raw.get("dtype", "auto") not in DTYPES:
+        raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {raw['dtype']!r}")
+    return AnalysisSpec(
+        metrics=metrics, name=name, steps=steps, device=device, dtype=raw.get("dtype", "auto"),
+        splits=_names(raw["splits"], "splits", SPLITS) if "splits" in raw else SPLITS,
+        data_types=_names(raw["data_types"], "data_types", DATA_TYPES) if "data_types" in raw else DATA_TYPES,
+        components=_components(raw["components"], "components") if "components" in raw else None,
+        compare=_compare(raw.get("compare", "steps"), "compare"),
+        target_step=_target(raw.get("target_step", "last"), "target_step"))
+
+
+def load_spec(path=None, overrides=()) -> AnalysisSpec:
+    """The spec in YAML file `path` (default: DEFAULT_SPEC) with `key=value` overrides (values parsed as YAML)."""
+    raw = dict(DEFAULT_SPEC)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"{path}: no such config file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: expected a mapping of keys at the top level")
+        raw.setdefault("name", path.stem)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{item!r}: overrides look like key=value, e.g. steps=[0,100]")
+        if key not in _TOP_KEYS:
+            raise SpecError(f"{key}: unknown key (allowed: {', '.join(_TOP_KEYS)})")
+        raw[key] = yaml.safe_load(value)
+    return parse_spec(raw)
