@@ -1,7 +1,9 @@
 """Training throughput and checkpoint cost: single process vs 2-rank DDP vs 2-rank FSDP2.
 
 Runs recipes/pretrain.py for a few steps per setting and prints tokens/s (MFU on GPU), the blocking time
-of one checkpoint step (state + HF export + learning dynamics + eval) and the size of a step dir, next to
+of one checkpoint step (perplexity eval and eval-split capture on W_N, then writing the train state, the HF
+model and the learning dynamics; the train split is captured inside the training step, docs/
+learning_dynamics.md) and the size of a step dir, next to
 pico-train's published figures for its tiny model: 7 m 42 s per checkpoint step, 151 MB of model state.
 
     python benchmarks/train_throughput.py [--models demo tiny] [--steps 8] [--nproc 2]
@@ -48,7 +50,8 @@ def run(model: str, strategy: str, nproc: int, steps: int, workdir: Path, batch:
             f"data.batch_size={batch}", f"data.micro_batch_size={micro}", f"training.max_steps={steps}",
             "training.warmup_steps=1", f"training.strategy={strategy}", f"checkpointing.run_dir={run_dir}",
             f"checkpointing.save_every={steps // 2}", f"learning_dynamics.eval_data={data}",
-            "learning_dynamics.eval_batch_size=8", "logging.log_every=1"]
+            "learning_dynamics.eval_batch_size=8", f"evaluation.data={data}", "evaluation.batch_size=4",
+            "evaluation.max_batches=4", "logging.log_every=1"]
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
     cmd = (["./torchrun.sh"] if nproc > 1 else [sys.executable]) + ["recipes/pretrain.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -162,12 +162,14 @@ def main(argv=None):
             break
         capture_now = save_now and ld.enabled
         # Everything measured on W_step runs before the training batch's forward/backward.
+        t_ckpt = time.perf_counter()
         evals = evaluate(step) if save_now and cfg.evaluation.data else None
         dynamics = {}
         if capture_now and eval_ids is not None:  # its gradients are kept apart from the training ones
             optimizer.zero_grad(set_to_none=True)
             _, dynamics["eval"] = captured([(eval_ids[:, :-1], eval_ids[:, 1:])], eval_all)
         optimizer.zero_grad(set_to_none=True)
+        t_ckpt = time.perf_counter() - t_ckpt
         state = {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state()}
         t0 = time.perf_counter()
         final = step == t.max_steps  # past it, only the train split needs the batch update step+1 would use
@@ -185,8 +187,9 @@ def main(argv=None):
             t_save = time.perf_counter()
             checkpoint(step, state, dynamics, evals)
             last_saved, t_save = step, time.perf_counter() - t_save
-            log.scalars(step, {"checkpoint/seconds": t_save})
-            log.print(f"saved  {step:>6} | step_{step} in {t_save:.1f}s")
+            # Blocking cost of the checkpoint step: evals and eval split on W_step, then writing it all.
+            log.scalars(step, {"checkpoint/seconds": t_ckpt + t_save})
+            log.print(f"saved  {step:>6} | step_{step} in {t_ckpt + t_save:.1f}s")
             t0 += t_save  # tokens/s counts training time only
         if final:
             break
