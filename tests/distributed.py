@@ -23,6 +23,7 @@ def _worker(rank, world_size, port, fn, args, errors):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(*args)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
