@@ -8,7 +8,7 @@
 set -euo pipefail
 
 if [ $# -eq 0 ]; then
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 

@@ -48,6 +48,7 @@ def build_optimizer(model, t):
 
 
 def main(argv=None):
+    """Train one run as configured; exit 2 on a bad config, 3 when a non-finite loss stops it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")

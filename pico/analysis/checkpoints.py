@@ -89,10 +89,12 @@ class _SplitSource:
         self.checkpoint, self.split = checkpoint, split
 
     def load(self, data_type: str, module: str) -> torch.Tensor:
+        """The checkpoint's `data_type` tensor of `module`, from this split."""
         return self.checkpoint.load(data_type, module, self.split)
 
     @property
     def model_config(self) -> dict:
+        """The checkpoint's HF `config.json` as a dict."""
         return self.checkpoint.model_config
 
 
