@@ -84,7 +84,7 @@ def ov_circuit_grad(w_v, w_o, grad_v, grad_o, n_heads: int, n_kv_heads: int) -> 
 
 def ov_activations(v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """Value vectors v (N, n_kv*d_head) written through each head's W_O slice: (n_heads, N, d_model)."""
-    n, d_model, d_head = v.shape[0], w_o.shape[0], w_o.shape[1] // n_heads
+    n, d_head = v.shape[0], w_o.shape[1] // n_heads
     if n_heads % n_kv_heads or w_o.shape[1] % n_heads or v.shape[1] != n_kv_heads * d_head:
         raise ValueError(f"v {tuple(v.shape)} and w_o {tuple(w_o.shape)} do not fit n_heads={n_heads}, "
                          f"n_kv_heads={n_kv_heads}")

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from pico.data import DataError, TokenStream, ensure_demo_corpus, find_tokenizer, load_stats, read_batch
-from pico.data.demo import EOS, fetch_shakespeare, read_works, strip_gutenberg, train_tokenizer
+from pico.data.demo import EOS, read_works, strip_gutenberg, train_tokenizer
 
 WORKS = ["macbeth", "tempest"]
 

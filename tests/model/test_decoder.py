@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pico.model import PRESETS, PicoDecoder, PicoDecoderConfig
 from pico.model import decoder
