@@ -15,9 +15,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 import pico
+from pico.distributed import unwrap
 from pico.metrics import get_metric
 
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
@@ -36,7 +36,7 @@ def module_name(name: str) -> str:
 def find_modules(model: nn.Module, layers) -> dict[str, nn.Module]:
     """Modules of `model` whose clean names end with one of the suffixes `layers` (on dot boundaries)."""
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
-    root = model.module if isinstance(model, DistributedDataParallel) else model
+    root = unwrap(model)
 
     def matches(name, suffix):
         return name == suffix or name.endswith("." + suffix)
