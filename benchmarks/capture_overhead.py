@@ -17,10 +17,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
-from pico.capture import DEFAULT_LAYERS, capture, capture_weights, write_learning_dynamics
+from pico.capture import capture_weights
+from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model import PicoDecoder, PicoDecoderConfig
+from pico.run_dir import DEFAULT_LAYERS
+from pico.training import apply_update, captured_step, train_step
 
 # name: (model overrides of the tiny preset, global batch, micro-batch)
 SETUPS = {
@@ -29,42 +31,27 @@ SETUPS = {
 }
 
 
-def loss_backward(model, rows: torch.Tensor, n_tokens: int):
-    """Forward/backward of one micro-batch with the loss scaled to the global-batch mean."""
-    logits = model(rows[:, :-1])  # (mb, T, V)
-    (F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum") / n_tokens).backward()
-
-
 def update(model, optimizer, rows: torch.Tensor, micro: int):
     """One optimizer update over the global batch `rows` (N, T+1) in micro-batches of `micro` rows."""
-    for mb in rows.split(micro):
-        loss_backward(model, mb, rows.numel() - rows.shape[0])
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    loss = train_step(model, list(rows.split(micro)))
+    apply_update(model, optimizer, loss, 1.0)
     optimizer.zero_grad(set_to_none=True)
 
 
-def captured_update(model, optimizer, rows: torch.Tensor, micro: int) -> dict:
-    """The same update with the train split captured on it; returns the tensors to write."""
-    with capture(model, DEFAULT_LAYERS) as cap:
-        for mb in rows.split(micro):
-            loss_backward(model, mb, rows.numel() - rows.shape[0])
-        grads = cap.gradients()
-    tensors = {"activations": cap.activations(), "gradients": grads,
-               "weights": capture_weights(model, DEFAULT_LAYERS), "input_ids": rows}
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+def captured_update(model, optimizer, rows: torch.Tensor, micro: int) -> tuple[SplitDynamics, dict]:
+    """The same update with the train split captured on it; returns what it captured and the weights."""
+    loss, split = captured_step(model, list(rows.split(micro)), DEFAULT_LAYERS, input_ids=rows)
+    weights = capture_weights(model, DEFAULT_LAYERS)
+    apply_update(model, optimizer, loss, 1.0)
     optimizer.zero_grad(set_to_none=True)
-    return tensors
+    return split, weights
 
 
-def eval_split(model, rows: torch.Tensor) -> dict:
+def eval_split(model, rows: torch.Tensor) -> SplitDynamics:
     """The eval split: one forward/backward on the eval batch with the current weights."""
-    with capture(model, DEFAULT_LAYERS) as cap:
-        loss_backward(model, rows, rows.numel() - rows.shape[0])
-        grads = cap.gradients()
+    _, split = captured_step(model, [rows], DEFAULT_LAYERS, input_ids=rows)
     model.zero_grad(set_to_none=True)
-    return {"activations": cap.activations(), "gradients": grads, "input_ids": rows}
+    return split
 
 
 def timed(fn, *args):
@@ -92,10 +79,10 @@ def bench(name: str, args) -> dict[str, float]:
             order = list(step)[i % 3:] + list(step)[:i % 3]  # rotate which step goes first
             for key in order:
                 took[key], result[key] = timed(step[key])
-            train = result["capture"]
+            train, weights = result["capture"]
             took["eval"], evals = timed(eval_split, model, rows)
-            took["write"], paths = timed(lambda: write_learning_dynamics(tmp, "train", train, step=i)
-                                         + write_learning_dynamics(tmp, "eval", evals, step=i))
+            splits = {"train": train, "eval": evals}
+            took["write"], paths = timed(lambda: write_learning_dynamics(tmp, splits, weights, step=i))
             if i >= args.warmup:
                 for key, t in took.items():
                     times[key].append(1000 * t)

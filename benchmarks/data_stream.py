@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from pico.data import TokenStream
 from pico.data.prepare import write_shards
 from pico.model import PicoDecoder, PicoDecoderConfig
+from pico.training import train_step
 
 
 def full_read(path: Path) -> tuple[int, float]:
@@ -37,7 +37,7 @@ def stream_read(path: Path, seq_len: int, rows: int, world_size: int, micro: int
     for rank in range(world_size):
         start = time.perf_counter()
         with TokenStream(path, seq_len, rows, micro, rank, world_size, prefetch=0) as stream:
-            tokens = sum(next(stream)[0].numel() for _ in range(stream.accumulation_steps))
+            tokens = sum(next(stream)[:, :-1].numel() for _ in range(stream.accumulation_steps))
         times.append(time.perf_counter() - start)
     return tokens * (seq_len + 1) // seq_len, max(times)
 
@@ -50,13 +50,10 @@ def data_wait(path: Path, seq_len: int, vocab: int, micro: int, accum: int, step
     with TokenStream(path, seq_len, micro * accum, micro, vocab_size=vocab, wrap=True, prefetch=prefetch) as stream:
         blocked = total = 0.0
         for step in range(steps + 2):  # the first two steps warm up and are not counted
-            t0, wait = time.perf_counter(), 0.0
-            for _ in range(accum):
-                t1 = time.perf_counter()
-                inputs, labels = next(stream)
-                wait += time.perf_counter() - t1
-                loss = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten()) / accum
-                loss.backward()
+            t0 = time.perf_counter()
+            batches = stream.next_batch()
+            wait = time.perf_counter() - t0
+            train_step(model, batches)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step >= 2:

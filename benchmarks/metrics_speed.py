@@ -23,8 +23,9 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pico.analysis import analyze, discover_steps  # noqa: E402
+from pico.analysis import analyze  # noqa: E402
 from pico.metrics import cka, condition_number, gini, hoyer, norm, per, pwcca  # noqa: E402
+from pico.run_dir import list_steps  # noqa: E402
 from tests.analysis.fake_run import make_run  # noqa: E402
 
 PICO_ANALYZE_PWCCA_S = 11.0  # pico-analyze, 4096×384, on the benchmark machine
@@ -142,7 +143,7 @@ def reference_pass(run: Path, metrics: dict) -> int:
     """pico-analyze style: for every metric, reload every checkpoint's files and compute in NumPy float64."""
     count = 0
     for name, fn in metrics.items():
-        for step in discover_steps(run):
+        for step in list_steps(run):
             ld = run / "checkpoints" / f"step_{step}" / "learning_dynamics"
             weights = load_file(ld / "weights.safetensors")
             for key, w in weights.items():

@@ -1,3 +1,3 @@
 """pico: train small LLaMA-style language models and study how they learn."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

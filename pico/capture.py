@@ -1,28 +1,22 @@
-"""Hook capture of activations, gradients and weights: the learning dynamics of contract 3.
+"""Hook capture of activations, gradients and weights: the learning dynamics of docs/learning_dynamics.md.
 
 TransformerLens-style: hook names are module paths, and hooks live only inside `capture(...)`,
 which always removes them. Activations are recorded on the forward passes that run inside the
 context (the real training step; no extra pass), gradients are read from `.grad` after the last
 backward, and every result is a full tensor on CPU in global sample order, whether the model is
-plain, DDP-wrapped or FSDP2-sharded.
+plain, DDP-wrapped or FSDP2-sharded. This module holds the hooks only: the collectives are in
+pico.distributed and the file format in pico.learning_dynamics.
 """
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-import pico
-from pico.distributed import unwrap
-from pico.metrics import get_metric
+from pico.distributed import full_tensor, gather_rows, unwrap
+from pico.learning_dynamics import POSITIONS
+from pico.run_dir import DEFAULT_LAYERS, module_matches
 
-DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
-POSITIONS = ("last", "all")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Path components that wrappers insert: torch.compile (OptimizedModule) and activation checkpointing.
 # DDP's `module.` prefix is removed by unwrapping the DDP root instead (a user's model may own a `module`).
 _WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
@@ -37,17 +31,13 @@ def find_modules(model: nn.Module, layers) -> dict[str, nn.Module]:
     """Modules of `model` whose clean names end with one of the suffixes `layers` (on dot boundaries)."""
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
     root = unwrap(model)
-
-    def matches(name, suffix):
-        return name == suffix or name.endswith("." + suffix)
-
     found = {}
     for name, module in root.named_modules():
         clean = module_name(name)
-        if any(matches(clean, suffix) for suffix in layers):
+        if any(module_matches(clean, suffix) for suffix in layers):
             found[clean] = module  # pre-order: a wrapper's inner module comes later and wins
     for suffix in layers:
-        if not any(matches(name, suffix) for name in found):
+        if not any(module_matches(name, suffix) for name in found):
             raise ValueError(f"learning_dynamics.layers: no module of {type(root).__name__} ends with {suffix!r} "
                              f"(module names look like {next(iter(_leaf_names(root)), '<none>')!r})")
     return found
@@ -58,11 +48,6 @@ def _leaf_names(root: nn.Module):
     return (module_name(n) for n, m in root.named_modules() if n and not list(m.children()))
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The full (unsharded) value of a plain tensor or an FSDP2 DTensor; a collective for DTensors."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def _weight(name: str, module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -70,22 +55,22 @@ def _weight(name: str, module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (rows, ...) over all ranks in rank order; `x` itself in a single process.
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing re-runs forwards there).
 
-    Ranks may hold different numbers of rows. `x` must live on the process group's device (CUDA for NCCL).
+    torch has no public API for this; torch.utils.module_tracker and FSDP2 use the same private call.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    world = dist.get_world_size()
-    rows = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(rows, torch.tensor([x.shape[0]], device=x.device))
-    rows = [int(r) for r in rows]
-    padded = x.new_zeros((max(rows), *x.shape[1:]))  # all_gather needs equal shapes
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, rows)])
+    return torch._C._current_graph_task_id() != -1
+
+
+def prepare_compile() -> None:
+    """Make the hooks that capture() adds later reach compiled code; call before a model's first compiled forward.
+
+    torch.compile skips guards on module hooks by default, so a block compiled before a hook was added
+    would run without it. This makes dynamo guard on hooks (a global dynamo setting, which is why it is a
+    call of its own): adding or removing capture's hooks then recompiles the block once per state.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 class Capture:
@@ -101,7 +86,7 @@ class Capture:
         def record(module, args, output):
             # Activation checkpointing re-runs forwards during backward; record the first run only
             # (same backward test as torch.utils.module_tracker and FSDP2).
-            if torch._C._current_graph_task_id() != -1:
+            if _in_backward():
                 return
             out = output.detach()  # (mb, T, out)
             if out.dim() != 3:
@@ -123,7 +108,7 @@ class Capture:
                 raise RuntimeError(
                     f"capture recorded no forward pass of {name}: run the model inside the `with capture(...)` "
                     "block; a torch.compile'd model ignores hooks added after compilation unless "
-                    "torch._dynamo.config.skip_nnmodule_hook_guards = False was set before compiling")
+                    "pico.capture.prepare_compile() ran before its first forward")
             result[name] = gather_rows(torch.cat(chunks).to(dtype)).cpu()
         return result
 
@@ -145,7 +130,7 @@ def _full_weights(modules: dict[str, nn.Module], dtype: torch.dtype, grad: bool)
                 raise RuntimeError(f"{name}.weight has no gradient: read gradients after backward() "
                                    "and before zero_grad()")
             tensor = tensor.grad
-        result[name] = _full(tensor.detach()).to("cpu", dtype, copy=True)  # (out, in), never a live view
+        result[name] = full_tensor(tensor.detach()).to("cpu", dtype, copy=True)  # (out, in), never a live view
     return result
 
 
@@ -179,84 +164,12 @@ def capture_weights(model: nn.Module, layers=DEFAULT_LAYERS,
     return _full_weights(find_modules(model, layers), dtype, grad=False)
 
 
-def _check_split_tensors(split: str, tensors: dict, positions: str):
-    unknown = set(tensors) - {"activations", "gradients", "weights", "input_ids"}
-    if unknown:
-        raise ValueError(f"learning dynamics tensors have unknown keys {sorted(unknown)}; "
-                         "expected activations, gradients, input_ids and optionally weights")
-    for key in ("activations", "gradients", "input_ids"):
-        if key not in tensors:
-            raise ValueError(f"learning dynamics for split {split!r} need {key!r}")
-    ids = tensors["input_ids"]
-    if ids.dim() != 2 or ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor (N, T+1) or (N, T), got {ids.dtype} {tuple(ids.shape)}")
-    n, length = ids.shape
-    allowed = {n} if positions == "last" else {n * length, n * (length - 1)}
-    for name, t in tensors["activations"].items():
-        if t.dim() != 2 or t.shape[0] not in allowed:
-            raise ValueError(f"activations.{name} has shape {tuple(t.shape)}; with input_ids {tuple(ids.shape)} "
-                             f"and positions={positions!r} it needs {sorted(allowed)} rows")
-    for data_type in ("gradients", "weights"):
-        for name, t in tensors.get(data_type, {}).items():
-            if t.dim() != 2:
-                raise ValueError(f"{data_type}.{name} must be (out_features, in_features), got {tuple(t.shape)}")
-
-
-def write_learning_dynamics(directory, split: str, tensors: dict, *, step: int, positions: str = "last",
-                            dtype: str = "float32", world_size: int | None = None) -> list[Path]:
-    """Write `<split>.safetensors` (and `weights.safetensors` when `tensors` has weights) into `directory`.
-
-    `tensors` = {"activations": {module: (N, out)}, "gradients": {module: (out, in)}, "input_ids": (N, T+1),
-    optionally "weights": {module: (out, in)}}, as returned by `capture`/`capture_weights`. Float tensors are
-    stored as `dtype` ("float32" or "bfloat16"), input_ids as int32. Only rank 0 writes; returns the paths
-    written ([] on other ranks).
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"learning dynamics split must be 'train' or 'eval', got {split!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"learning_dynamics.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    if positions not in POSITIONS:
-        raise ValueError(f"learning_dynamics.positions={positions!r} is not one of {POSITIONS}")
-    _check_split_tensors(split, tensors, positions)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return []
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    def stored(t):
-        return t.detach().to("cpu", DTYPES[dtype]).contiguous()
-
-    def metadata(file_split):
-        return {"step": str(step), "split": file_split, "positions": positions, "dtype": dtype,
-                "world_size": str(world_size), "pico_version": pico.__version__}
-
-    files = {split: {f"{kind}.{name}": stored(t) for kind in ("activations", "gradients")
-                     for name, t in tensors[kind].items()}}
-    files[split]["input_ids"] = tensors["input_ids"].detach().to("cpu", torch.int32).contiguous()  # (N, T+1)
-    if "weights" in tensors:
-        files["weights"] = {f"weights.{name}": stored(t) for name, t in tensors["weights"].items()}
-    paths = []
-    for name, data in files.items():  # metadata "split" is the file's name: train, eval or weights
-        path = directory / f"{name}.safetensors"
-        save_file(data, path, metadata=metadata(name))
-        paths.append(path)
-    return paths
-
-
-def dynamics_scalars(tensors: dict, metrics: list[str], split: str) -> dict[str, float]:
-    """In-situ metrics: each single-input metric on each captured tensor of the data types it suits
-    (its `register_metric(data_types=...)`), tagged `dynamics/<metric>/<split>/<data_type>/<module>`."""
-    chosen = [get_metric(name) for name in metrics]
-    for metric in chosen:
-        if metric.comparative:
-            raise ValueError(f"learning_dynamics.metrics: {metric.name!r} compares two tensors; in-situ metrics "
-                             "take one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints "
-                             "with pico.analysis")
-    scalars = {}
-    for metric in chosen:
-        for data_type in metric.data_types:
-            for module, t in tensors.get(data_type, {}).items():
-                scalars[f"dynamics/{metric.name}/{split}/{data_type}/{module}"] = metric(t)
-    return scalars
+def check_capture(model: nn.Module, ld, world_size: int) -> None:
+    """Check a `learning_dynamics:` section against the model before step 0: every layer suffix names a
+    module and the eval batch splits evenly over the ranks; a one-line ValueError names the key."""
+    if not ld.enabled:
+        return
+    find_modules(model, ld.layers)
+    if ld.eval_data and ld.eval_batch_size % world_size:
+        raise ValueError(f"learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible by "
+                         f"the world size {world_size}")

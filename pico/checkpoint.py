@@ -1,12 +1,12 @@
-"""Run-directory checkpoints (DESIGN contract 3): atomic step dirs, DCP train state, HF export, `latest`, resume."""
+"""Checkpoint steps: DCP train state, the HF export and the learning dynamics of W_N, written atomically.
+
+The layout is pico.run_dir's (docs/checkpoints.md); this module fills a step directory and reads one back.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,96 +15,53 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from pico.distributed import barrier
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-# Crash-safety test hook: "<step>:writing" SIGKILLs rank 0 once step_<step>'s files are written but before
-# it is renamed and named `latest` (the worst moment); "<step>:done" right after `latest` names it.
-KILL_ENV = "PICO_KILL_AT_CHECKPOINT"
+from pico.distributed import is_main, unwrap
+from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
+from pico.run_dir import EVAL, MODEL, STATE, step_writer
 
 
-def _maybe_kill(step: int, phase: str) -> None:
-    if os.environ.get(KILL_ENV) == f"{step}:{phase}":
-        os.kill(os.getpid(), signal.SIGKILL)
+@dataclass
+class CheckpointStep:
+    """What a checkpoint step writes about W_N: the train state from before update N+1, learning dynamics
+    per split (`train`, `eval`), the captured weights, evaluation results; empty parts are not written."""
+
+    step: int
+    train_state: dict
+    dynamics: dict[str, SplitDynamics] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] | None = None
+    evals: dict | None = None
 
 
-def step_name(step: int) -> str:
-    """The directory name of the checkpoint taken after `step` optimizer updates."""
-    return f"step_{step}"
+def save_checkpoint(run_dir, ckpt: CheckpointStep, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    tokenizer: Path | None = None, export: bool = True, positions: str = "last",
+                    dtype: str = "float32") -> None:
+    """Write `step_<N>/` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) atomically.
 
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint named by `<run_dir>/checkpoints/latest`, or None."""
-    marker = Path(run_dir) / CHECKPOINTS / LATEST
-    if not marker.exists():
-        return None
-    path = marker.parent / marker.read_text().strip()
-    if not (path / "state").is_dir():
-        raise FileNotFoundError(f"{marker}: names {path.name}, which has no state/ directory")
-    return path
-
-
-def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """Map `checkpointing.resume` (auto | never | <path>) to the checkpoint dir to load, or None."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / "state").is_dir():
-        raise FileNotFoundError(f"checkpointing.resume: {path} is not a checkpoint directory (no state/ inside)")
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see either the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-@contextlib.contextmanager
-def checkpoint_writer(run_dir: str | Path, step: int, is_main: bool):
-    """Yield a temporary step dir to fill; on success rename it to `step_<N>` and point `latest` at it.
-
-    All ranks enter and leave together. If the block raises (or the process dies) the temporary dir is
-    left behind unnamed and `latest` still names the previous complete checkpoint.
+    A collective: every rank calls it. `latest` names the step only once all of it is on disk.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    tmp = root / f".tmp_{step_name(step)}"
-    final = root / step_name(step)
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    yield tmp
-    barrier()
-    if is_main:
-        _maybe_kill(step, "writing")
-        if final.exists():  # a re-run of a step whose checkpoint was written but never named `latest`
-            old = root / f".old_{step_name(step)}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            shutil.rmtree(old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, step_name(step) + "\n")
-        _maybe_kill(step, "done")
-    barrier()
+    with step_writer(run_dir, ckpt.step) as path:
+        save_train_state(path / STATE, model, optimizer, ckpt.train_state)
+        if export:
+            export_model(path / MODEL, model, unwrap(model).config, tokenizer)
+        if ckpt.dynamics or ckpt.weights:
+            write_learning_dynamics(path, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=positions,
+                                    dtype=dtype)
+        if ckpt.evals is not None and is_main():
+            (path / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
+
+
+def train_state(step: int, scheduler, stream) -> dict:
+    """What resuming needs besides model and optimizer: the step, LR schedule, data position and RNG."""
+    return {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state()}
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream) -> int:
+    """Restore model, optimizer, schedule, data position and RNG from `step_<N>/state`; returns N."""
+    extra = load_train_state(Path(path) / STATE, model, optimizer, train_state(0, scheduler, stream))
+    scheduler.load_state_dict(extra["scheduler"])
+    stream.load_state_dict(extra["data"])
+    set_rng_state(extra["rng"])
+    return extra["step"]
 
 
 def save_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
@@ -150,27 +107,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None, is_main: bool) -> None:
+def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None) -> None:
     """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there."""
-    from pico.model.hf import save_pretrained
+    from pico.model.hf import save_pretrained, save_tokenizer, special_token_ids
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_main:
+    if not is_main():
         return
-    save_pretrained(state, model_config, path)
+    save_pretrained(state, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
     if tokenizer is not None:
-        copy_tokenizer(tokenizer, path, model_config.max_seq_len)
-
-
-def copy_tokenizer(tokenizer: Path, path: Path, max_len: int) -> None:
-    """Copy `tokenizer.json` next to the weights with a `tokenizer_config.json` so AutoTokenizer loads it;
-    its first special token becomes the EOS token, also in the model's `config.json` (for `generate`)."""
-    shutil.copy(tokenizer, path / "tokenizer.json")
-    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
-    if special:
-        config["eos_token"] = special[0]["content"]
-        model_config = json.loads((path / "config.json").read_text())
-        model_config["eos_token_id"] = model_config["bos_token_id"] = special[0]["id"]
-        (path / "config.json").write_text(json.dumps(model_config, indent=2))
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        save_tokenizer(tokenizer, path, model_config.max_seq_len)

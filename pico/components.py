@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-DATA_TYPES = ("activations", "gradients", "weights")
+from pico.run_dir import DATA_TYPES
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,6 @@ def get_component(name: str) -> Component:
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; registered: {', '.join(sorted(COMPONENTS))}")
     return COMPONENTS[name]
-
-
-def matches(module: str, suffix: str) -> bool:
-    """Whether a full module name like `layers.3.attention.v_proj` ends with `suffix` on a dot boundary."""
-    return module == suffix or module.endswith("." + suffix)
 
 
 def _head_shapes(w_v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[int, int]:

@@ -11,25 +11,24 @@ from typing import Literal, Optional
 
 import yaml
 
+from pico.metrics import get_metric
+from pico.model.config import PicoDecoderConfig
+from pico.run_dir import DEFAULT_LAYERS
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the offending key."""
 
 
-@dataclass
-class ModelConfig:
-    """`preset` fills the PicoDecoderConfig fields; any field set here overrides the preset."""
-
-    preset: Optional[str] = "tiny"
-    d_model: Optional[int] = None
-    n_layers: Optional[int] = None
-    attention_n_heads: Optional[int] = None
-    attention_n_kv_heads: Optional[int] = None
-    activation_hidden_dim: Optional[int] = None
-    vocab_size: Optional[int] = None
-    max_seq_len: Optional[int] = None
-    norm_eps: Optional[float] = None
-    position_emb_theta: Optional[float] = None
+# The `model` section: `preset` plus every PicoDecoderConfig field as an optional override, derived from
+# PicoDecoderConfig so that a new model field is one edit there.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("preset", Optional[str], field(default="tiny"))]
+    + [(f.name, Optional[typing.get_type_hints(PicoDecoderConfig)[f.name]], field(default=None))
+       for f in dataclasses.fields(PicoDecoderConfig)],
+)
+ModelConfig.__doc__ = "`preset` fills the PicoDecoderConfig fields; any field set here overrides the preset."
 
 
 @dataclass
@@ -80,7 +79,7 @@ class LearningDynamicsConfig:
     """What learning dynamics are captured at every checkpoint step."""
 
     enabled: bool = True
-    layers: list[str] = field(default_factory=lambda: ["attention.v_proj", "attention.o_proj", "swiglu.w_2"])
+    layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS))
     positions: Literal["last", "all"] = "last"
     eval_data: Optional[str] = None
     eval_batch_size: int = 64
@@ -120,10 +119,8 @@ class Config:
         """The config as plain nested dicts (what `config.yaml` holds)."""
         return dataclasses.asdict(self)
 
-    def model_config(self):
+    def model_config(self) -> PicoDecoderConfig:
         """Build the `PicoDecoderConfig` this run trains; invalid combinations raise ConfigError."""
-        from pico.model import PicoDecoderConfig
-
         fields = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "preset" and v is not None}
         try:
             if self.model.preset is None:
@@ -191,19 +188,37 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _set_override(tree: dict, override: str) -> None:
-    """Apply one `section.key=value` override (value parsed as YAML) to the nested dict `tree`."""
-    if "=" not in override:
-        raise ConfigError(f"{override}: overrides look like section.key=value")
-    path, raw = override.split("=", 1)
+def _set_override(tree: dict, override: str, depth: int) -> None:
+    """Apply one `key.path=value` override (value parsed as YAML, `depth` dotted parts) to the nested dict `tree`."""
+    shape = "section.key" if depth == 2 else "key"
+    path, sep, raw = override.partition("=")
     parts = path.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"{path}: overrides look like section.key=value")
+    if not sep or len(parts) != depth or not all(parts):
+        raise ConfigError(f"{override}: overrides look like {shape}=value")
     value = yaml.safe_load(raw) if raw.strip() else None
-    section = tree.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]}: expected a mapping, got {section!r}")
-    section[parts[1]] = value
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{part}: expected a mapping, got {tree!r}")
+    tree[parts[-1]] = value
+
+
+def load_tree(path: str | Path | None, overrides=(), depth: int = 2, default: dict | None = None) -> dict:
+    """The mapping in YAML file `path` (or a copy of `default`) with `key.path=value` overrides applied.
+
+    The one loader of every pico config (training runs and analysis specs); errors are ConfigErrors.
+    """
+    tree = dict(default or {})
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
+    for override in overrides:
+        _set_override(tree, override, depth)
+    return tree
 
 
 def _validate(cfg: Config) -> None:
@@ -232,21 +247,22 @@ def _validate(cfg: Config) -> None:
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    for name in cfg.learning_dynamics.metrics:  # in-situ metrics take one tensor
+        try:
+            comparative = get_metric(name).comparative
+        except ValueError as e:
+            raise ConfigError(f"learning_dynamics.metrics: {e}") from None
+        if comparative:
+            raise ConfigError(f"learning_dynamics.metrics: {name!r} compares two tensors; in-situ metrics take "
+                              "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
+                              "pico.analysis")
     if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
         raise ConfigError("learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate; raise ConfigError."""
-    tree = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
-    for override in overrides:
-        _set_override(tree, override)
-    cfg = _build(Config, tree, "")
+    cfg = _build(Config, load_tree(path, overrides), "")
     _validate(cfg)
     return cfg
 

@@ -11,22 +11,30 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: rank, world size, local rank and its device."""
+    """Where this process sits: global rank, world size and its device."""
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        """True on global rank 0, the rank that writes files and logs."""
-        return self.rank == 0
+
+def is_main() -> bool:
+    """True on global rank 0 (or without a process group): the one convention for rank-0-only work.
+
+    Files and logs are written by rank 0 alone; every function that writes asks this, never a flag.
+    """
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """The number of processes in the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
@@ -43,7 +51,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), device_id=
                                 device if device.type == "cuda" else None)
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, device)
 
 
 def resolve_strategy(strategy: str, world_size: int, device: torch.device) -> str:
@@ -70,8 +78,6 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile:
-        # Guard on module hooks, so hooks that pico.capture adds later recompile the block instead of being ignored.
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
         for block in model.layers:
             block.compile()
     if strategy == "ddp":
@@ -123,11 +129,39 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The full (unsharded) value of a plain tensor or an FSDP2 DTensor; a collective for DTensors."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (rows, ...) over all ranks in rank order; `x` itself in a single process.
+
+    Ranks may hold different numbers of rows. `x` must live on the process group's device (CUDA for NCCL).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    rows = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(rows, torch.tensor([x.shape[0]], device=x.device))
+    rows = [int(r) for r in rows]
+    padded = x.new_zeros((max(rows), *x.shape[1:]))  # all_gather needs equal shapes
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, rows)])
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks in place (no-op without a process group) and return it."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (itself without a process group)."""
+    return all_reduce_sum(t) / world_size()
 
 
 def barrier() -> None:

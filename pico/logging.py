@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pico.distributed import is_main
+from pico.run_dir import TENSORBOARD
+
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -32,13 +43,13 @@ def format_duration(seconds: float) -> str:
 class TrainLogger:
     """Writes scalars to `<run_dir>/tensorboard` and one console line per log step, on rank 0 only."""
 
-    def __init__(self, run_dir: str | Path, is_main: bool, max_steps: int):
-        self.is_main, self.max_steps = is_main, max_steps
+    def __init__(self, run_dir: str | Path, max_steps: int):
+        self.is_main, self.max_steps = is_main(), max_steps
         self.writer = None
-        if is_main:
+        if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
         self._t0 = time.perf_counter()
         self._step0 = None
 
@@ -48,21 +59,48 @@ class TrainLogger:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def evals(self, step: int, results: dict[str, dict]) -> None:
+        """Log evaluation results `{task: {metric: value}}`: `eval/<task>/<metric>` scalars, a line per task."""
+        for task, metrics in results.items():
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}  # not counts such as n
+            self.scalars(step, {f"eval/{task}/{k}": v for k, v in numbers.items()})
+            self.print(
+                f"eval  {step:>6} | {task} | " + " | ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+            )
+
+    def checkpoint(self, step: int, seconds: float) -> None:
+        """Log how long checkpoint step `step` held training up (evaluation and capture included)."""
+        self.scalars(step, {"checkpoint/seconds": seconds})
+        self.print(f"saved  {step:>6} | step_{step} in {seconds:.1f}s")
+
     def print(self, message: str) -> None:
         """Print a line from rank 0."""
         if self.is_main:
             print(message, file=sys.stdout, flush=True)
 
-    def train_line(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                   mfu: float | None) -> None:
-        """The console line of one log step, with an ETA from the average speed since the first call."""
+    def train(
+        self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float | None
+    ) -> None:
+        """Log one training step: `train/*` scalars and a console line with an ETA from the average speed."""
+        self.scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_s": tokens_per_s,
+                **({"train/mfu": mfu} if mfu else {}),
+            },
+        )
         now = time.perf_counter()
         if self._step0 is None:
             self._step0, self._t0 = step, now
         done = step - self._step0
         eta = (now - self._t0) / done * (self.max_steps - step) if done > 0 else float("nan")
-        line = (f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s")
+        line = (
+            f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s"
+        )
         if mfu is not None:
             line += f" | mfu {100 * mfu:.1f}%"
         if done > 0:
@@ -73,3 +111,13 @@ class TrainLogger:
         """Flush and close the tensorboard writer."""
         if self.writer is not None:
             self.writer.close()
+
+
+@contextlib.contextmanager
+def exit_on(prefix: str, *errors: type[BaseException]):
+    """Turn `errors` raised in the block into one line `<prefix>: <message>` on stderr and exit code 2."""
+    try:
+        yield
+    except errors as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -24,7 +24,8 @@ from pathlib import Path
 from pico.data import load_stats
 run, demo = Path(sys.argv[1]), Path(sys.argv[2])
 step = (run / "checkpoints" / "latest").read_text().strip()
-result = json.loads((run / "checkpoints" / step / "eval.json").read_text())["perplexity"]
+evals = json.loads((run / "checkpoints" / step / "eval.json").read_text())
+result = evals.get("paloma") or evals["perplexity"]  # runs before pico 0.2 wrote "perplexity"
 entropy = load_stats(demo / "eval")["unigram_entropy_nats"]
 print(f"\nheld-out loss at {step}: {result['loss']:.3f} nats/token (perplexity {result['perplexity']:.1f}); "
       f"unigram entropy of the held-out text: {entropy:.3f} nats/token")

@@ -1,33 +1,34 @@
-"""Pretrain a pico decoder: `[./torchrun.sh] python recipes/pretrain.py --config FILE [section.key=value ...]`.
+"""Pretrain a pico decoder: `[./torchrun.sh] python recipes/pretrain.py --config FILE [section.key=value]`.
 
-This file is the training loop. Fork it to run an experiment: swap the model, the optimizer or the
-schedule here, without touching `pico/`.
+This file is the training loop. Fork it to run an experiment: change the model (`build_model`), the
+optimizer (`build_optimizer`) or the schedule (`lr_lambda`) here, without touching `pico/`.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from pico.capture import capture, capture_weights, dynamics_scalars, gather_rows, write_learning_dynamics
-from pico.checkpoint import (checkpoint_writer, export_model, load_train_state, resolve_resume, rng_state,
-                             save_train_state, set_rng_state)
+from pico.analysis import in_situ_scalars
+from pico.capture import capture_weights, check_capture, prepare_compile
+from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
 from pico.config import ConfigError, load_config, save_config
 from pico.data import TokenStream, find_tokenizer, iter_eval_batches, read_batch
-from pico.distributed import (all_reduce_sum, autocast, cleanup, gradient_sync, init_distributed, parallelize,
-                              resolve_strategy)
+from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
 from pico.evaluation import perplexity
-from pico.logging import TrainLogger, peak_flops
+from pico.logging import TrainLogger, exit_on, peak_flops
 from pico.model import PicoDecoder
+from pico.model.hf import export_problem
+from pico.run_dir import CONFIG, checkpoints_dir, resolve_resume
+from pico.training import apply_update, captured_step, train_step
 
 
 def lr_lambda(t):
     """Linear warmup to `lr`, then linear or cosine decay to `min_lr_ratio · lr` at `max_steps`."""
+
     def factor(step):
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
@@ -36,192 +37,156 @@ def lr_lambda(t):
             return 1.0
         decay = 1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
     return factor
 
 
 def build_optimizer(model, t):
     """AdamW; weight decay only on matrices (norm gains and other 1-D parameters are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
 
 
+def build_model(model_cfg, seed, device):
+    """The model on the meta device, materialised and initialised from the seed (the same on every rank)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = PicoDecoder(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def evaluate(model, cfg, dist, vocab_size):
+    """Perplexity of the current weights on `evaluation.data`, sharded over ranks (eval.json's `paloma`)."""
+    e = cfg.evaluation
+    batches = iter_eval_batches(
+        e.data, cfg.data.seq_len, e.batch_size, dist.rank, dist.world_size, e.max_batches, vocab_size
+    )
+    return {"paloma": perplexity(model, batches, dist.device, cfg.training.precision)}
+
+
 def main(argv=None):
-    """Train one run as configured; exit 2 on a bad config, 3 when a non-finite loss stops it."""
+    """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    try:
+    with exit_on("config error", ConfigError):
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
     t, d, ld, ck = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing
-    dist = init_distributed()
-    run_dir = os.path.expanduser(ck.run_dir)
+    dist, run_dir, model_cfg = init_distributed(), os.path.expanduser(ck.run_dir), cfg.model_config()
 
-    # Model: built on the meta device, materialised once and initialised from the seed (identical on
-    # every rank and for every world size), then wrapped or sharded by parallelize().
-    torch.manual_seed(t.seed)
-    model_cfg = cfg.model_config()
-    with torch.device("meta"):
-        model = PicoDecoder(model_cfg)
-    model.to_empty(device=dist.device)
-    model.init_weights()
+    # Build: the model (then parallelized), optimizer, schedule, data, and the fixed eval batch.
+    model = build_model(model_cfg, t.seed, dist.device)
     flops_per_token, n_params = model.flops_per_token(d.seq_len), model.num_params()
-    model = parallelize(model, t.strategy, dist.world_size, dist.device, t.precision,
-                        t.activation_checkpointing, t.compile)
+    no_export = export_problem(model)  # a fork whose modules the Llama layout cannot express
+    with exit_on("config error", ValueError):
+        check_capture(model, ld, dist.world_size)
+    if ld.enabled and t.compile:
+        prepare_compile()  # so that capture's hooks reach the compiled blocks
+    model = parallelize(
+        model, t.strategy, dist.world_size, dist.device, t.precision, t.activation_checkpointing, t.compile
+    )
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    with exit_on("data error", ValueError):  # a batch split that does not divide, or unreadable data
+        stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
+        eval_all = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
+        if ld.enabled and ld.eval_data:
+            eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
 
-    try:
-        stream = TokenStream(d.path, d.seq_len, d.batch_size, d.micro_batch_size, dist.rank, dist.world_size,
-                             vocab_size=model_cfg.vocab_size, shuffle_seed=d.shuffle_seed, wrap=d.wrap,
-                             prefetch=d.prefetch, device=dist.device)
-    except ValueError as e:  # a batch split that does not divide, or unreadable data (names the file)
-        print(f"data error: {e}", file=sys.stderr)
-        sys.exit(2)
-    accum = stream.accumulation_steps
-    eval_ids = None
-    if ld.enabled and ld.eval_data:  # the fixed eval batch: the same sequences at every checkpoint
-        if ld.eval_batch_size % dist.world_size:
-            print(f"config error: learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible "
-                  f"by the world size {dist.world_size}", file=sys.stderr)
-            sys.exit(2)
-        rows = ld.eval_batch_size // dist.world_size
-        eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)  # (N, T+1)
-        eval_ids = eval_all[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device)
-
-    step = 0
-    resume_from = resolve_resume(run_dir, ck.resume)
+    # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
+    first_step, resume_from = 0, resolve_resume(run_dir, ck.resume)
     if resume_from is not None:
-        extra = {"step": 0, "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state()}
-        extra = load_train_state(resume_from / "state", model, optimizer, extra)
-        step = extra["step"]
-        scheduler.load_state_dict(extra["scheduler"])
-        stream.load_state_dict(extra["data"])
-        set_rng_state(extra["rng"])
-    elif dist.is_main:
+        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream)
+    elif is_main():
         os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log = TrainLogger(run_dir, dist.is_main, t.max_steps)
-    log.print(f"pico | {n_params / 1e6:.2f}M params | {resolve_strategy(t.strategy, dist.world_size, dist.device)} "
-              f"x{dist.world_size} | accumulation {accum} | "
-              + (f"resumed from {resume_from} at step {step}" if resume_from else f"new run in {run_dir}"))
-    peak = peak_flops(dist.device)
-    tokenizer = find_tokenizer(d.path)
-    last_saved = step if resume_from is not None else -1
-    skipped = 0
+        save_config(cfg, os.path.join(run_dir, CONFIG))
+    log = TrainLogger(run_dir, t.max_steps)
+    strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
+    log.print(
+        f"pico | {n_params / 1e6:.2f}M params | {strategy} x{dist.world_size} | accumulation "
+        f"{stream.accumulation_steps} | "
+        + (f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}")
+    )
+    if no_export:
+        log.print(f"checkpoints hold no HF model/: {no_export}")
+    peak, tokenizer, skipped = peak_flops(dist.device), find_tokenizer(d.path), 0
 
-    def forward_backward(batches):
-        """Forward/backward over micro-batches; the loss is the global-batch mean token cross-entropy."""
-        total = torch.zeros((), device=dist.device)
-        for i, (inputs, labels) in enumerate(batches):
-            with gradient_sync(model, i == len(batches) - 1), autocast(t.precision, dist.device, model):
-                logits = model(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / len(batches)
-            loss.backward()
-            total += loss.detach()
-        return all_reduce_sum(total) / dist.world_size
-
-    def captured(batches, input_ids):
-        """forward_backward under capture: (loss, learning dynamics of this split)."""
-        with capture(model, ld.layers, ld.positions) as cap:
-            loss = forward_backward(batches)
-            gradients = cap.gradients()
-        return loss, {"activations": cap.activations(), "gradients": gradients, "input_ids": input_ids}
-
-    def evaluate(step):
-        """Perplexity of W_step on the eval set, sharded over ranks; logged and returned for eval.json."""
-        batches = iter_eval_batches(cfg.evaluation.data, d.seq_len, cfg.evaluation.batch_size, dist.rank,
-                                    dist.world_size, cfg.evaluation.max_batches, model_cfg.vocab_size)
-        result = perplexity(model, batches, dist.device, t.precision)
-        log.scalars(step, {"eval/perplexity": result["perplexity"], "eval/loss": result["loss"]})
-        log.print(f"eval  {step:>6} | loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}")
-        return {"step": step, "perplexity": result}
-
-    def checkpoint(step, state, dynamics, evals):
-        """Write step_<step>: train state (as it was before this step's batch), HF model, dynamics, evals."""
-        with checkpoint_writer(run_dir, step, dist.is_main) as path:
-            save_train_state(path / "state", model, optimizer, state)
-            export_model(path / "model", model, model_cfg, tokenizer, dist.is_main)
-            for split, tensors in dynamics.items():
-                write_learning_dynamics(path / "learning_dynamics", split, tensors, step=step, positions=ld.positions,
-                                        dtype=ld.dtype, world_size=dist.world_size)
-                if dist.is_main:
-                    log.scalars(step, dynamics_scalars(tensors, ld.metrics, split))
-            if evals is not None and dist.is_main:
-                (path / "eval.json").write_text(json.dumps(evals, indent=2))
-
-    while True:
-        # The weights are W_step here. A checkpoint step captures the eval split now and the train split on
-        # the real forward/backward of update step+1, then saves all of it before that update is applied.
-        save_now = step != last_saved and (step % ck.save_every == 0 or step == t.max_steps)
-        if step == t.max_steps and not save_now:
-            break
-        capture_now = save_now and ld.enabled
-        # Everything measured on W_step runs before the training batch's forward/backward.
-        t_ckpt = time.perf_counter()
-        evals = evaluate(step) if save_now and cfg.evaluation.data else None
-        dynamics = {}
-        if capture_now and eval_ids is not None:  # its gradients are kept apart from the training ones
+    def measure(step):
+        """The checkpoint step's part on W_step before the training batch: evaluation, then the eval split."""
+        ckpt = CheckpointStep(
+            step, {}, evals=evaluate(model, cfg, dist, model_cfg.vocab_size) if cfg.evaluation.data else None
+        )
+        if ckpt.evals:
+            log.evals(step, ckpt.evals)
+        if eval_all is not None:  # its gradients are kept apart from the training ones
             optimizer.zero_grad(set_to_none=True)
-            _, dynamics["eval"] = captured([(eval_ids[:, :-1], eval_ids[:, 1:])], eval_all)
+            rows = eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)  # this rank's share
+            _, ckpt.dynamics["eval"] = captured_step(
+                model, [rows], ld.layers, ld.positions, t.precision, eval_all
+            )
+        return ckpt
+
+    def save(ckpt):
+        """Write step_<N> (and log its in-situ metrics); returns the seconds it took."""
+        start = time.perf_counter()
+        save_checkpoint(run_dir, ckpt, model, optimizer, tokenizer, not no_export, ld.positions, ld.dtype)
+        log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
+        return time.perf_counter() - start
+
+    # The loop. The weights are W_step at the top. A checkpoint step measures W_step (evaluation and the eval
+    # split), captures the train split on the real forward/backward of update step+1, and saves it all
+    # before that update is applied. The step a run resumed from is saved already.
+    for step in range(first_step, t.max_steps + 1):
+        due = step % ck.save_every == 0 or step == t.max_steps
+        saved = resume_from is not None and step == first_step
+        t_measure = time.perf_counter()
+        ckpt = measure(step) if due and not saved else None
+        t_measure = time.perf_counter() - t_measure
         optimizer.zero_grad(set_to_none=True)
-        t_ckpt = time.perf_counter() - t_ckpt
-        state = {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state()}
-        t0 = time.perf_counter()
-        final = step == t.max_steps  # past it, only the train split needs the batch update step+1 would use
-        batches = None
-        if not final or (capture_now and (d.wrap or (step + 1) * d.batch_size <= stream.num_samples)):
-            batches = [next(stream) for _ in range(accum)]
-        if batches and capture_now:
-            ids = gather_rows(torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches])).cpu()  # (B, T+1)
-            loss, dynamics["train"] = captured(batches, ids)
-        elif batches and not final:
-            loss = forward_backward(batches)
-        if dynamics:  # the weights W_step go with the train split (the eval one when there is no batch left)
-            (dynamics.get("train") or dynamics["eval"])["weights"] = capture_weights(model, ld.layers)
-        if save_now:
-            t_save = time.perf_counter()
-            checkpoint(step, state, dynamics, evals)
-            last_saved, t_save = step, time.perf_counter() - t_save
-            # Blocking cost of the checkpoint step: evals and eval split on W_step, then writing it all.
-            log.scalars(step, {"checkpoint/seconds": t_ckpt + t_save})
-            log.print(f"saved  {step:>6} | step_{step} in {t_ckpt + t_save:.1f}s")
+        state, t0 = train_state(step, scheduler, stream), time.perf_counter()
+        last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
+        capturing = ckpt is not None and ld.enabled
+        batches = stream.next_batch() if not last or (capturing and stream.has_batch(step)) else None
+        if batches and capturing:
+            loss, ckpt.dynamics["train"] = captured_step(model, batches, ld.layers, ld.positions, t.precision)
+        elif batches and not last:
+            loss = train_step(model, batches, t.precision)
+        if ckpt is not None:
+            ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
+            t_save = save(ckpt)
+            log.checkpoint(step, t_measure + t_save)
             t0 += t_save  # tokens/s counts training time only
-        if final:
+        if last:
             break
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if torch.isfinite(loss) and torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # the update is dropped; the step (and its batch) still counts
+        grad_norm, applied = apply_update(model, optimizer, loss, t.grad_clip)
+        if not applied:  # the update is dropped; the step (and its batch) still counts
             skipped += 1
             log.scalars(step, {"train/nonfinite_steps": skipped})
-            log.print(f"step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: "
-                      + ("update skipped" if t.nan_policy == "skip" else "stopping"))
+            verdict = "update skipped" if t.nan_policy == "skip" else "stopping"
+            log.print(
+                f"step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: {verdict}"
+            )
             if t.nan_policy == "stop":
-                if step != last_saved:
-                    checkpoint(step, state, {}, None)
+                if ckpt is None and not saved:
+                    save(CheckpointStep(step, state))
                 log.close()
                 cleanup()
                 sys.exit(3)
         scheduler.step()
-        step += 1
-        if step % cfg.logging.log_every == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - t0
-            tokens_per_s = d.batch_size * d.seq_len / elapsed
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
+            tokens_per_s = d.batch_size * d.seq_len / (time.perf_counter() - t0)
             mfu = tokens_per_s * flops_per_token / (peak * dist.world_size) if peak else None
-            lr = scheduler.get_last_lr()[0]
-            log.scalars(step, {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                               "train/tokens_per_s": tokens_per_s, **({"train/mfu": mfu} if mfu else {})})
-            log.train_line(step, loss.item(), lr, grad_norm.item(), tokens_per_s, mfu)
+            log.train(step + 1, loss.item(), scheduler.get_last_lr()[0], grad_norm.item(), tokens_per_s, mfu)
     stream.close()
-    log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {os.path.join(run_dir, 'checkpoints')}")
+    log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
     log.close()
     cleanup()
 

@@ -1,4 +1,4 @@
-"""Run a test function on real processes (gloo), OLMo-core style: `run_distributed_test(fn, world_size=2)`."""
+"""Run a test function on real processes, OLMo-core style: `run_distributed_test(fn, world_size=2)`."""
 
 import os
 import socket
@@ -16,12 +16,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, errors):
+def _worker(rank, world_size, port, fn, args, errors, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(*args)
         dist.barrier()  # no rank tears the group down while another still talks to it
     except BaseException:
@@ -32,12 +34,13 @@ def _worker(rank, world_size, port, fn, args, errors):
             dist.destroy_process_group()
 
 
-def run_distributed_test(fn, world_size: int = 2, args: tuple = ()) -> None:
-    """Run `fn(*args)` on `world_size` gloo processes; re-raise the first rank's failure in the test."""
+def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo") -> None:
+    """Run `fn(*args)` on `world_size` processes of `backend` ("gloo" for CPU tensors, "nccl" for CUDA ones,
+    each rank on GPU rank % device_count); re-raise the first rank's failure in the test."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors, backend)) for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:

@@ -47,7 +47,7 @@ def test_round_trip_through_yaml(tmp_path):
     (["data.seq_len=4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
     (["training.max_steps=0"], "training.max_steps: must be positive"),
     (["training.lr"], "training.lr: overrides look like section.key=value"),
-    (["lr=1"], "lr: overrides look like section.key=value"),
+    (["lr=1"], "lr=1: overrides look like section.key=value"),
     (["learning_dynamics.layers=[]"], "learning_dynamics.layers: empty"),
 ])
 def test_errors_name_the_key(overrides, key):
@@ -60,3 +60,45 @@ def test_bad_file_and_bad_section(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="^training: expected a mapping"):
         load_config(write(tmp_path, "training: 3\n"))
+
+
+def test_model_section_is_derived_from_the_model_config():
+    import dataclasses
+
+    from pico.config import ModelConfig
+    from pico.model import PicoDecoderConfig
+
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    assert fields == ["preset"] + [f.name for f in dataclasses.fields(PicoDecoderConfig)]
+    assert all(f.default is None for f in dataclasses.fields(ModelConfig)[1:])
+    cfg = load_config(None, ["model.norm_eps=1e-5", "model.d_model=48"])
+    assert cfg.model_config().norm_eps == 1e-5 and cfg.model_config().d_model == 48
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- training\n- data\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top level, got list"):
+        load_config(path, ["training.lr=1e-3"])
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ("[nope]", "learning_dynamics.metrics: unknown metric 'nope'"),
+    ("[per, cka]", "learning_dynamics.metrics: 'cka' compares two tensors"),
+])
+def test_in_situ_metrics_are_checked_at_load_time(metrics, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        load_config(None, [f"learning_dynamics.metrics={metrics}"])
+
+
+def test_analysis_specs_share_the_loader(tmp_path):
+    from pico.analysis import SpecError, load_spec
+
+    assert issubclass(SpecError, ConfigError)
+    path = tmp_path / "spec.yaml"
+    path.write_text("- per\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys at the top level"):
+        load_spec(path)
+    with pytest.raises(ConfigError, match="^steps.all=1: overrides look like key=value"):
+        load_spec(None, ["steps.all=1"])
+    assert load_spec(None, ["steps=[0, 10]"]).steps == (0, 10)

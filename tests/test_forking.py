@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.recipes.test_pretrain import MODEL, SEQ, write_shards
+from tests.recipes.common import MODEL, SEQ, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +30,16 @@ def test_forking_walkthrough_runs(tmp_path):
 
     fork = (repo / "recipes" / "pretrain_layernorm.py").read_text()
     assert fork.count("torch.nn.LayerNorm") == 3
+    shown = re.search(r"^```python\n(def build_model.*?)^```$", (ROOT / "docs" / "forking.md").read_text(), re.S | re.M)
+    assert shown[1] in fork  # the function the walkthrough shows is the one the edit produced
     from safetensors.torch import load_file  # the two variants trained different weights
 
-    a = load_file(repo / "runs" / "rmsnorm" / "checkpoints" / "step_4" / "model" / "model.safetensors")
-    b = load_file(repo / "runs" / "layernorm" / "checkpoints" / "step_4" / "model" / "model.safetensors")
+    step_4 = "checkpoints/step_4"
+    a = load_file(repo / "runs" / "rmsnorm" / step_4 / "learning_dynamics" / "weights.safetensors")
+    b = load_file(repo / "runs" / "layernorm" / step_4 / "learning_dynamics" / "weights.safetensors")
     assert not all((a[k] == b[k]).all() for k in a)
+    assert (repo / "runs" / "rmsnorm" / step_4 / "model").is_dir()  # the LayerNorm variant has no Llama export
+    assert not (repo / "runs" / "layernorm" / step_4 / "model").exists()
     rows = list(csv.DictReader(open(repo / "runs" / "layernorm" / "analysis" / "norms" / "metrics.csv")))
     assert {r["metric"] for r in rows} == {"cka@rmsnorm"}
     assert {int(r["step"]) for r in rows} == {0, 2, 4}

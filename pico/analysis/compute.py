@@ -1,15 +1,19 @@
 """The analysis pass: every metric of a spec over the checkpoints of each run, as rows of the tidy table."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from pico.analysis.checkpoints import Checkpoint, _selections, _suffix, discover_steps
+from pico.analysis.checkpoints import Checkpoint
 from pico.analysis.spec import DEFAULT_SPEC, DTYPES, AnalysisSpec, ComponentSpec, MetricSpec, SpecError, parse_spec
 from pico.components import COMPONENTS
 from pico.metrics import get_metric
+from pico.run_dir import list_steps, module_matches
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class Row(NamedTuple):
@@ -58,6 +62,36 @@ def _tasks(spec: AnalysisSpec) -> list[_Task]:
         tasks.append(_Task(m, data_types, splits, m.components or spec.components, compare,
                            m.target_step if m.target_step is not None else spec.target_step))
     return tasks
+
+
+def _suffix(module: str) -> str:
+    return _LAYER.sub("", module)
+
+
+def _layer(module: str) -> int | None:
+    m = _LAYER.match(module)
+    return int(m.group(1)) if m else None
+
+
+def _selections(ckpt: Checkpoint, comp: ComponentSpec, data_type: str, split: str | None):
+    """(layer, module) pairs for a simple component, (layer, None) for a compound one, sorted by layer."""
+    if comp.name in COMPONENTS:
+        weights = set(ckpt.modules("weights", None))
+        found = sorted(int(m.group(1)) for module in weights if (m := _LAYER.match(module))
+                       and all(f"layers.{m.group(1)}.{s}" in weights for s in COMPONENTS[comp.name].modules))
+        pairs = [(layer, None) for layer in dict.fromkeys(found)]
+    else:
+        pairs = sorted(((_layer(m), m) for m in ckpt.modules(data_type, split) if module_matches(m, comp.name)),
+                       key=lambda p: -1 if p[0] is None else p[0])
+    if not pairs:
+        raise ValueError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
+    if comp.layers is None:
+        return pairs
+    missing = set(comp.layers) - {layer for layer, _ in pairs}
+    if missing:
+        raise ValueError(f"{ckpt.dir}: component {comp.name!r} has no layer {min(missing)} "
+                         f"(captured layers: {[layer for layer, _ in pairs]})")
+    return [p for p in pairs if p[0] in comp.layers]
 
 
 def _measure(metric, params: dict, dtype, x: torch.Tensor, ref: torch.Tensor | None) -> float:
@@ -126,6 +160,32 @@ def _device_dtype(spec: AnalysisSpec) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _selected_steps(runs: list[Path], spec: AnalysisSpec) -> tuple[dict, dict]:
+    """(steps with learning dynamics, steps to analyse) per run; a missing requested step is an error."""
+    available = {run: list_steps(run) for run in runs}
+    selected = {}
+    for run in runs:
+        missing = [] if spec.steps == "all" else sorted(set(spec.steps) - set(available[run]))
+        if missing:
+            raise ValueError(f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})")
+        selected[run] = available[run] if spec.steps == "all" else list(spec.steps)
+    return available, selected
+
+
+def _target_steps(tasks: list[_Task], runs: list[Path], available: dict) -> dict:
+    """The step each comparative `compare: steps` entry compares against, per (entry index, run)."""
+    targets = {}
+    for i, task in enumerate(tasks):
+        if get_metric(task.spec.name).comparative and task.compare == "steps":
+            for run in runs:
+                target = available[run][-1] if task.target_step == "last" else task.target_step
+                if target not in available[run]:
+                    raise ValueError(f"{run}: target_step {target} has no learning_dynamics "
+                                     f"(steps: {available[run]})")
+                targets[i, run] = target
+    return targets
+
+
 def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True) -> list[Row]:
     """Compute every metric of `spec` (default: DEFAULT_SPEC) over the checkpoints of each run directory."""
     from tqdm.auto import tqdm
@@ -139,32 +199,12 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     tasks = _tasks(spec)
     if any(t.compare == "runs" and get_metric(t.spec.name).comparative for t in tasks) and len(runs) < 2:
         raise SpecError("compare: 'runs' compares each run with the first, so it needs at least two --run")
-    available = {run: discover_steps(run) for run in runs}
-    selected = {}
-    for run in runs:
-        missing = [] if spec.steps == "all" else sorted(set(spec.steps) - set(available[run]))
-        if missing:
-            raise ValueError(f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})")
-        selected[run] = available[run] if spec.steps == "all" else list(spec.steps)
-    pinned: dict[tuple[Path, int], Checkpoint] = {}  # comparison targets, kept for the whole pass
+    available, selected = _selected_steps(runs, spec)
+    targets = _target_steps(tasks, runs, available)
+    pinned = {(run, step): Checkpoint(run, step, device, dtype) for (_, run), step in targets.items()}  # kept
 
-    def checkpoint(run, step, keep=False):
-        if (run, step) in pinned:
-            return pinned[run, step]
-        ckpt = Checkpoint(run, step, device, dtype)
-        if keep:
-            pinned[run, step] = ckpt
-        return ckpt
-
-    targets = {}
-    for i, task in enumerate(tasks):
-        if get_metric(task.spec.name).comparative and task.compare == "steps":
-            for run in runs:
-                target = available[run][-1] if task.target_step == "last" else task.target_step
-                if target not in available[run]:
-                    raise ValueError(f"{run}: target_step {target} has no learning_dynamics "
-                                     f"(steps: {available[run]})")
-                targets[i, run] = target
+    def checkpoint(run, step):
+        return pinned.get((run, step)) or Checkpoint(run, step, device, dtype)
 
     rows = []
     steps = sorted(set().union(*selected.values()))
@@ -174,8 +214,8 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
             for run, ckpt in ckpts.items():
                 for i, task in enumerate(tasks):
                     ref, label = None, task.spec.label
-                    if get_metric(task.spec.name).comparative and task.compare == "steps":
-                        ref = checkpoint(run, targets[i, run], keep=True)
+                    if (i, run) in targets:
+                        ref = pinned[run, targets[i, run]]
                         label = f"{label}@step_{ref.step}"
                     elif get_metric(task.spec.name).comparative:
                         if run == runs[0] or runs[0] not in ckpts:

@@ -1,19 +1,20 @@
-"""Analysis specs: their keys, DEFAULT_SPEC, and parsing and validation (keys documented in docs/analysis.md)."""
+"""Analysis specs: their keys, DEFAULT_SPEC, and parsing and validation (keys documented in docs/analysis.md).
+
+Specs are read by pico.config's loader (YAML + `key=value` overrides) and fail with its ConfigError.
+"""
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from pico.components import DATA_TYPES
+from pico.config import ConfigError, load_tree
+from pico.learning_dynamics import DTYPES as TORCH_DTYPES
 from pico.metrics import get_metric
+from pico.run_dir import DATA_TYPES, SPLITS
 
-SPLITS = ("train", "eval")
 COMPARE = ("steps", "runs")
-DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+DTYPES = {"auto": None, "float32": TORCH_DTYPES["float32"], "float64": TORCH_DTYPES["float64"]}  # compute dtypes
 
 # The analysis `python recipes/analyze.py --run DIR` runs; recipes/configs/analyze.yaml spells out the same.
 DEFAULT_SPEC = {
@@ -33,7 +34,7 @@ _TOP_KEYS = ("name", "steps", "splits", "data_types", "components", "metrics", "
 _METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare", "target_step")
 
 
-class SpecError(ValueError):
+class SpecError(ConfigError):
     """An analysis spec (YAML or overrides) with an unknown key or an impossible value."""
 
 
@@ -201,20 +202,9 @@ def parse_spec(raw: dict) -> AnalysisSpec:
 
 def load_spec(path=None, overrides=()) -> AnalysisSpec:
     """The spec in YAML file `path` (default: DEFAULT_SPEC) with `key=value` overrides (values parsed as YAML)."""
-    raw = dict(DEFAULT_SPEC)
+    if path is not None and not Path(path).is_file():
+        raise SpecError(f"{path}: no such config file")
+    raw = load_tree(path, overrides, depth=1, default=DEFAULT_SPEC)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SpecError(f"{path}: no such config file")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise SpecError(f"{path}: expected a mapping of keys at the top level")
-        raw.setdefault("name", path.stem)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"{item!r}: overrides look like key=value, e.g. steps=[0,100]")
-        if key not in _TOP_KEYS:
-            raise SpecError(f"{key}: unknown key (allowed: {', '.join(_TOP_KEYS)})")
-        raw[key] = yaml.safe_load(value)
+        raw.setdefault("name", Path(path).stem)
     return parse_spec(raw)

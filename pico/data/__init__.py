@@ -1,7 +1,7 @@
 """Pretokenized token streams, dataset preparation and the offline demo corpus."""
 
 from pico.data.shards import DataError, build_index, find_tokenizer, resolve_url
-from pico.data.stream import TokenStream, iter_eval_batches, read_batch
+from pico.data.stream import TokenStream, iter_eval_batches, read_batch, split_rows
 
 _LAZY = {
     "prepare_dataset": "pico.data.prepare", "load_stats": "pico.data.prepare", "ensure_demo_corpus": "pico.data.demo",
@@ -19,5 +19,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataError", "TokenStream", "build_index", "ensure_demo_corpus", "find_tokenizer", "iter_eval_batches",
-    "load_stats", "prepare_dataset", "read_batch", "resolve_url",
+    "load_stats", "prepare_dataset", "read_batch", "resolve_url", "split_rows",
 ]

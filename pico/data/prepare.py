@@ -125,6 +125,30 @@ def load_stats(path: str | Path) -> dict | None:
     return json.loads(stats.read_text()) if stats.is_file() else None
 
 
+def tokenize(documents: Iterable[str], tok: Tokenizer, batch_documents: int = 256) -> list[np.ndarray]:
+    """Token ids of each document (int32, no special tokens), encoded in batches; progress on stderr."""
+    tokens, n_tokens, batch, started = [], 0, [], time.perf_counter()
+    reported = started
+
+    def flush(final: bool = False) -> None:
+        nonlocal n_tokens, reported
+        for encoding in tok.encode_batch(batch, add_special_tokens=False):
+            tokens.append(np.asarray(encoding.ids, dtype=np.int32))
+            n_tokens += len(encoding.ids)
+        batch.clear()
+        now = time.perf_counter()
+        if final or now - reported > 2.0:
+            reported, rate = now, n_tokens / max(now - started, 1e-9)
+            print(f"prepare: {len(tokens)} documents, {n_tokens} tokens, {rate:,.0f} tokens/s", file=sys.stderr)
+
+    for text in documents:
+        batch.append(text)
+        if len(batch) == batch_documents:
+            flush()
+    flush(final=True)
+    return tokens
+
+
 def prepare_dataset(
     documents: Iterable[str],
     tokenizer: str | Path,
@@ -152,25 +176,7 @@ def prepare_dataset(
         raise DataError(f"{tokenizer_path}: tokenizer file not found")
     tok = Tokenizer.from_file(str(tokenizer_path))
     eos_token, vocab_size = eos_id(tok, eos), tok.get_vocab_size(with_added_tokens=True)
-    tokens, n_tokens, batch, started = [], 0, [], time.perf_counter()
-    reported = started
-
-    def flush(final: bool = False) -> None:
-        nonlocal n_tokens, reported
-        for encoding in tok.encode_batch(batch, add_special_tokens=False):
-            tokens.append(np.asarray(encoding.ids, dtype=np.int32))
-            n_tokens += len(encoding.ids)
-        batch.clear()
-        now = time.perf_counter()
-        if final or now - reported > 2.0:
-            reported, rate = now, n_tokens / max(now - started, 1e-9)
-            print(f"prepare: {len(tokens)} documents, {n_tokens} tokens, {rate:,.0f} tokens/s", file=sys.stderr)
-
-    for text in documents:
-        batch.append(text)
-        if len(batch) == batch_documents:
-            flush()
-    flush(final=True)
+    tokens = tokenize(documents, tok, batch_documents)
     held_out = split_documents(len(tokens), eval_fraction, seed)
     splits = {"train": [t for i, t in enumerate(tokens) if i not in held_out]}
     if held_out:

@@ -41,8 +41,14 @@ class SampleOrder:
         return g, int(self._rows[2][i - int(starts[j])])
 
 
+def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows (B, T+1) -> (inputs, labels), each (B, T): the one place rows become next-token pairs."""
+    return rows[:, :-1], rows[:, 1:]
+
+
 class TokenStream:
-    """Micro-batches `(inputs, labels)` of this rank's slice of each global batch, read ahead on a thread.
+    """Micro-batches of token rows `(micro_batch_size, seq_len + 1)`: this rank's slice of each global batch,
+    read ahead on a thread. `split_rows` turns a micro-batch into (inputs, labels).
 
     Global batch s is samples [s·B, (s+1)·B) of the fixed order; rank r owns [s·B + r·B/W, s·B + (r+1)·B/W),
     cut into B/(micro_batch_size·W) consecutive micro-batches.
@@ -89,24 +95,34 @@ class TokenStream:
         self._stop: threading.Event | None = None
         _LIVE_STREAMS.add(self)
 
+    @classmethod
+    def from_config(cls, data, rank: int, world_size: int, vocab_size: int, device) -> "TokenStream":
+        """The stream a `data:` config section describes (pico.config.DataConfig), for one rank."""
+        return cls(data.path, data.seq_len, data.batch_size, data.micro_batch_size, rank, world_size, vocab_size,
+                   data.shuffle_seed, data.wrap, data.prefetch, device)
+
     @property
     def row_groups_read(self) -> int:
         """Row groups decoded so far by this rank (read-ahead included)."""
         return self._reader.row_groups_read
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prefetch == 0:
-            inputs, labels = self._read(self._consumed)
-        else:
-            inputs, labels = self._take()
+    def __next__(self) -> torch.Tensor:
+        rows = self._read(self._consumed) if self.prefetch == 0 else self._take()
         self._consumed += 1
         if self.device.type != "cpu":
-            inputs = inputs.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-        return inputs, labels  # (mb, seq_len) each
+            rows = rows.to(self.device, non_blocking=True)
+        return rows  # (mb, seq_len + 1)
+
+    def has_batch(self, s: int) -> bool:
+        """True when global batch `s` exists: within the data, or always with wrap=True."""
+        return self.wrap or (s + 1) * self.batch_size <= self.num_samples
+
+    def next_batch(self) -> list[torch.Tensor]:
+        """This rank's micro-batches `(micro_batch_size, seq_len + 1)` of the next global batch."""
+        return [next(self) for _ in range(self.accumulation_steps)]
 
     def state_dict(self) -> dict:
         """Position after the micro-batches consumed so far, in global samples (world-size free at batch ends)."""
@@ -160,11 +176,11 @@ class TokenStream:
         if getattr(self, "_reader", None) is not None:
             self.close()
 
-    def _read(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch number `m` of this rank, as (inputs, labels) int64 CPU tensors (pinned for CUDA)."""
+    def _read(self, m: int) -> torch.Tensor:
+        """Micro-batch number `m` of this rank, as int64 CPU token rows (pinned for CUDA)."""
         B, n = self.batch_size, self.num_samples
         s, k = divmod(m, self.accumulation_steps)
-        if not self.wrap and (s + 1) * B > n:
+        if not self.has_batch(s):
             raise DataError(
                 f"{self.path}: end of data: it has {n} samples, global batch {s} asks for samples "
                 f"[{s * B}, {(s + 1) * B}); use more data or wrap=True"
@@ -176,13 +192,9 @@ class TokenStream:
             group, row = self._order.locate(epoch, i)
             rows.append(self._reader.read(group)[row])
         ids = torch.from_numpy(np.stack(rows).astype(np.int64))  # (mb, seq_len + 1)
-        pin = self.device.type == "cuda"
-        inputs = torch.empty(ids.shape[0], self.seq_len, dtype=torch.int64, pin_memory=pin)
-        labels = torch.empty(ids.shape[0], self.seq_len, dtype=torch.int64, pin_memory=pin)
-        inputs.copy_(ids[:, :-1]), labels.copy_(ids[:, 1:])
-        return inputs, labels
+        return ids.pin_memory() if self.device.type == "cuda" else ids
 
-    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _take(self) -> torch.Tensor:
         if self._thread is None:
             self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
             self._thread = threading.Thread(
@@ -282,6 +294,6 @@ def iter_eval_batches(
         batches = min(batches, max_batches)
     try:
         for _ in range(batches):
-            yield next(stream)
+            yield split_rows(next(stream))
     finally:
         stream.close()

@@ -4,7 +4,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-DATA_TYPES = ("activations", "gradients", "weights")
+from pico.run_dir import DATA_TYPES
 
 
 @dataclass(frozen=True)

@@ -6,88 +6,22 @@ F activation_hidden_dim, V vocab_size.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pico.model import hf
+from pico.model.config import PRESETS, PicoDecoderConfig
+
+__all__ = ["PRESETS", "PicoDecoder", "PicoDecoderConfig"]
+
 try:  # optional backend, used for fp16/bf16 CUDA tensors when installed (`pip install pico[flash]`)
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
-
-
-@dataclass
-class PicoDecoderConfig:
-    """Architecture of a PicoDecoder (field names as in pico-train)."""
-
-    d_model: int
-    n_layers: int
-    attention_n_heads: int
-    attention_n_kv_heads: int
-    activation_hidden_dim: int
-    vocab_size: int
-    max_seq_len: int
-    norm_eps: float = 1e-6
-    position_emb_theta: float = 10000.0
-
-    def __post_init__(self):
-        for name in ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_heads",
-                     "activation_hidden_dim", "vocab_size", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        for name in ("norm_eps", "position_emb_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
-        if self.d_model % self.attention_n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
-                             f"model.attention_n_heads={self.attention_n_heads}")
-        if self.attention_n_heads % self.attention_n_kv_heads:
-            raise ValueError(f"model.attention_n_heads={self.attention_n_heads} is not divisible by "
-                             f"model.attention_n_kv_heads={self.attention_n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"model.d_model / model.attention_n_heads = {self.head_dim} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        """Width D of one attention head."""
-        return self.d_model // self.attention_n_heads
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> PicoDecoderConfig:
-        """A named preset (tiny, small, medium, large) with some fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> PicoDecoderConfig:
-        """Build a config from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in fields:
-            if key not in known:
-                raise ValueError(f"model.{key} is not a model field; known fields: {sorted(known)}")
-        return cls(**fields)
-
-    def to_dict(self) -> dict:
-        """The fields as a plain dict (round-trips through from_dict)."""
-        return dataclasses.asdict(self)
-
-
-def _preset(d_model: int) -> dict:
-    return dict(d_model=d_model, n_layers=12, attention_n_heads=12, attention_n_kv_heads=4,
-                activation_hidden_dim=4 * d_model, vocab_size=50304, max_seq_len=2048,
-                norm_eps=1e-6, position_emb_theta=10000.0)
-
-
-# pico-train's model sizes; parameter counts (untied embeddings) are in docs/model.md.
-PRESETS = {"tiny": _preset(96), "small": _preset(384), "medium": _preset(768), "large": _preset(1536)}
 
 
 def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,15 +172,19 @@ class PicoDecoder(nn.Module):
         attention = 12 * c.n_layers * c.attention_n_heads * c.head_dim * seq_len
         return 6 * self.num_params(exclude_embedding=True) + attention
 
-    def save_pretrained(self, directory: str | Path):
-        """Write config.json + model.safetensors loadable by transformers as LlamaForCausalLM."""
-        from pico.model.hf import save_pretrained
+    def save_pretrained(self, directory: str | Path, **special_tokens: int):
+        """Write config.json + model.safetensors loadable by transformers as LlamaForCausalLM.
 
-        save_pretrained(self, self.config, directory)
+        `special_tokens`: e.g. bos_token_id=0, eos_token_id=0, recorded in config.json for `generate`."""
+        hf.save_pretrained(self, self.config, directory, **special_tokens)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PicoDecoder:
-        """Load a model saved by save_pretrained, or a LlamaForCausalLM checkpoint saved by transformers."""
-        from pico.model.hf import from_pretrained
-
-        return from_pretrained(directory)
+        """Load (fp32, CPU) a model saved by save_pretrained, or a LlamaForCausalLM checkpoint saved by transformers."""
+        config, state_dict = hf.load_pretrained(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.init_rope()
+        model.load_state_dict(state_dict)  # copies into the fp32 parameters, whatever the saved dtype
+        return model

@@ -1,19 +1,22 @@
 """Hugging Face Llama layout: save a pico model as LlamaForCausalLM, load one back.
 
-Both use RoPE in the "rotate half" layout, so every weight maps over by name alone.
+Both use RoPE in the "rotate half" layout, so every weight maps over by name alone. Only modules whose
+Llama counterpart computes the same function are exported: a fork that swaps a module for another kind
+(e.g. LayerNorm for RMSNorm) is refused by name instead of being written as a wrong Llama checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pico.model.decoder import PicoDecoder, PicoDecoderConfig
+from pico.model.config import PicoDecoderConfig
 
 _TOP_NAMES = {  # pico name -> Llama name
     "embedding_proj.weight": "model.embed_tokens.weight",
@@ -31,6 +34,10 @@ _LAYER_NAMES = {  # within layers.{i} -> within model.layers.{i}
     "swiglu.w_1.weight": "mlp.up_proj.weight",
     "swiglu.w_2.weight": "mlp.down_proj.weight",
 }
+# The module kind behind each pico name (by its last part): what the Llama layout computes there.
+_MODULE_KINDS = {"embedding_proj": nn.Embedding, "de_embedding_proj": nn.Linear, "attention_norm": nn.RMSNorm,
+                 "swiglu_norm": nn.RMSNorm, "output_norm": nn.RMSNorm, "q_proj": nn.Linear, "k_proj": nn.Linear,
+                 "v_proj": nn.Linear, "o_proj": nn.Linear, "w_0": nn.Linear, "w_1": nn.Linear, "w_2": nn.Linear}
 _TOP_NAMES_INVERSE = {v: k for k, v in _TOP_NAMES.items()}
 _LAYER_NAMES_INVERSE = {v: k for k, v in _LAYER_NAMES.items()}
 
@@ -55,8 +62,20 @@ def llama_to_pico_name(name: str) -> str:
     return f"layers.{match[1]}.{_LAYER_NAMES_INVERSE[match[2]]}"
 
 
-def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The LlamaConfig fields (config.json) describing a pico architecture, plus a "pico" block."""
+def export_problem(model: nn.Module) -> str | None:
+    """Why `model` cannot be written in the Llama layout (the first module of another kind), or None."""
+    for name, module in model.named_modules():
+        kind = _MODULE_KINDS.get(name.rsplit(".", 1)[-1])
+        if kind is not None and type(module) is not kind:
+            return (f"module {name} is a {type(module).__name__}, which the Llama layout cannot express "
+                    f"(it expects {kind.__name__} there)")
+        if kind is None and next(module.parameters(recurse=False), None) is not None:
+            return f"module {name} ({type(module).__name__}) has parameters with no Llama counterpart"
+    return None
+
+
+def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32, **special_tokens: int) -> dict:
+    """The LlamaConfig fields (config.json) describing a pico architecture; `special_tokens` e.g. eos_token_id."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -76,7 +95,7 @@ def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32) 
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "pico": config.to_dict(),
+        **special_tokens,
     }
 
 
@@ -115,26 +134,47 @@ def pico_config_from_llama(hf: dict, source: str = "config.json") -> PicoDecoder
     )
 
 
+def expected_shapes(config: PicoDecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every pico parameter name of `config`'s architecture with its shape."""
+    c, kv = config, config.attention_n_kv_heads * config.head_dim
+    layer = {"attention_norm.weight": (c.d_model,), "attention.q_proj.weight": (c.d_model, c.d_model),
+             "attention.k_proj.weight": (kv, c.d_model), "attention.v_proj.weight": (kv, c.d_model),
+             "attention.o_proj.weight": (c.d_model, c.d_model), "swiglu_norm.weight": (c.d_model,),
+             "swiglu.w_0.weight": (c.activation_hidden_dim, c.d_model),
+             "swiglu.w_1.weight": (c.activation_hidden_dim, c.d_model),
+             "swiglu.w_2.weight": (c.d_model, c.activation_hidden_dim)}
+    shapes = {"embedding_proj.weight": (c.vocab_size, c.d_model)}
+    shapes.update({f"layers.{i}.{k}": v for i in range(c.n_layers) for k, v in layer.items()})
+    shapes.update({"output_norm.weight": (c.d_model,), "de_embedding_proj.weight": (c.vocab_size, c.d_model)})
+    return shapes
+
+
 def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
     """Raise a one-line ValueError unless state_dict has exactly the pico parameters of config, shapes included."""
-    with torch.device("meta"):
-        expected = PicoDecoder(config).state_dict()
+    expected = expected_shapes(config)
     for name in state_dict:
         if name not in expected:
             raise ValueError(f"{source}: unexpected parameter {name!r} for this model config")
-    for name, ref in expected.items():
+    for name, shape in expected.items():
         if name not in state_dict:
             raise ValueError(f"{source}: missing parameter {name!r}")
-        if tuple(state_dict[name].shape) != tuple(ref.shape):
+        if tuple(state_dict[name].shape) != shape:
             raise ValueError(f"{source}: parameter {name!r} has shape {tuple(state_dict[name].shape)}, "
-                             f"expected {tuple(ref.shape)}")
+                             f"expected {shape}")
 
 
 def save_pretrained(model_or_state_dict: nn.Module | dict[str, torch.Tensor], config: PicoDecoderConfig,
-                    directory: str | Path):
-    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in pico names."""
+                    directory: str | Path, **special_tokens: int):
+    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in pico names.
+
+    A module is checked with `export_problem` first; `special_tokens` (bos_token_id, eos_token_id) go to
+    config.json so that `generate` stops at EOS.
+    """
     state_dict = model_or_state_dict
     if isinstance(model_or_state_dict, nn.Module):
+        problem = export_problem(model_or_state_dict)
+        if problem:
+            raise ValueError(f"save_pretrained: {problem}")
         state_dict = model_or_state_dict.state_dict()
     _check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
@@ -144,7 +184,25 @@ def save_pretrained(model_or_state_dict: nn.Module | dict[str, torch.Tensor], co
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(llama_config(config, dtypes.pop()), indent=2) + "\n")
+    config_json = llama_config(config, dtypes.pop(), **special_tokens)
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+
+
+def special_token_ids(tokenizer: Path) -> dict[str, int]:
+    """bos/eos token ids for config.json: a `tokenizer.json`'s first special token, as pico's tokenizers use it."""
+    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
+    return {"bos_token_id": special[0]["id"], "eos_token_id": special[0]["id"]} if special else {}
+
+
+def save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> None:
+    """Copy `tokenizer.json` next to the weights with a `tokenizer_config.json` so AutoTokenizer loads it;
+    its first special token is the EOS token."""
+    shutil.copy(tokenizer, directory / "tokenizer.json")
+    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
+    if special:
+        config["eos_token"] = special[0]["content"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -159,8 +217,8 @@ def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
                             f"(only safetensors checkpoints are supported)")
 
 
-def from_pretrained(directory: str | Path) -> PicoDecoder:
-    """Load a PicoDecoder (fp32, CPU) from a Llama-layout directory: ours or one transformers saved."""
+def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor]]:
+    """The pico config and state dict (pico names) of a Llama-layout directory: ours or one transformers saved."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -175,9 +233,4 @@ def from_pretrained(directory: str | Path) -> PicoDecoder:
         except KeyError as err:
             raise ValueError(f"{directory}: {err.args[0]}") from None
     _check_state_dict(state_dict, config, str(directory))
-    with torch.device("meta"):
-        model = PicoDecoder(config)
-    model.to_empty(device="cpu")
-    model.init_rope()
-    model.load_state_dict(state_dict)  # copies into the fp32 parameters, whatever the saved dtype
-    return model
+    return config, state_dict

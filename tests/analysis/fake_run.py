@@ -1,10 +1,12 @@
-"""Generate a small run directory in the layout of contract 3, with real safetensors files and no training."""
+"""Generate a small run directory in pico.run_dir's layout, with real safetensors files and no training."""
 
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from pico.run_dir import LATEST, MODEL, checkpoints_dir, dynamics_file, step_dir, step_name
 
 MODULES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 
@@ -36,9 +38,9 @@ def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16
               "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
               "intermediate_size": hidden}
     for step in steps:
-        ckpt = run_dir / "checkpoints" / f"step_{step}"
-        (ckpt / "model").mkdir(parents=True, exist_ok=True)
-        (ckpt / "model" / "config.json").write_text(json.dumps(config))
+        ckpt = step_dir(run_dir, step)
+        (ckpt / MODEL).mkdir(parents=True, exist_ok=True)
+        (ckpt / MODEL / "config.json").write_text(json.dumps(config))
         weights = {name: start[name] + step / 10 * drift[name] for name in names}
         files = {"weights": {f"weights.{n}": w for n, w in weights.items()}}
         for split in ("train", "eval"):
@@ -54,10 +56,10 @@ def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16
             for key, t in tensors.items():
                 if nan == (step, key):
                     t.view(-1)[0] = float("nan")
-            ld = ckpt / "learning_dynamics"
-            ld.mkdir(exist_ok=True)
+            path = dynamics_file(ckpt, split)
+            path.parent.mkdir(exist_ok=True)
             save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
-                      ld / f"{split}.safetensors", metadata={"step": str(step), "split": split})
-    (run_dir / "checkpoints" / "step_5" / "model").mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints" / "latest").write_text(f"step_{max(steps)}")
+                      path, metadata={"step": str(step), "split": split})
+    (step_dir(run_dir, 5) / MODEL).mkdir(parents=True, exist_ok=True)
+    (checkpoints_dir(run_dir) / LATEST).write_text(step_name(max(steps)))
     return run_dir

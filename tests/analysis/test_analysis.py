@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pico.analysis import (COLUMNS, DEFAULT_SPEC, Checkpoint, SpecError, analyze, discover_steps, load_spec,
+from pico.run_dir import list_steps
+from pico.analysis import (COLUMNS, DEFAULT_SPEC, Checkpoint, SpecError, analyze, load_spec,
                            parse_spec, read_csv, save, scalar_tag)
 from pico.components import ov_circuit
 from pico.metrics import cka, condition_number, norm, per, pwcca
@@ -57,7 +58,7 @@ def test_default_analysis_rows(run):
 
 def test_steps_without_learning_dynamics_are_skipped(run):
     assert (run / "checkpoints" / "step_5").is_dir()
-    assert discover_steps(run) == [0, 10, 20]
+    assert list_steps(run) == [0, 10, 20]
 
 
 def test_outputs_csv_and_tensorboard(run):

@@ -1,11 +1,11 @@
-"""A tiny PicoDecoder and the recipe's training step (rank slice, micro-batches, global-mean loss)."""
+"""A tiny PicoDecoder, a batch, and the recipe's training step on this rank's slice of it."""
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pico.distributed import gradient_sync
 from pico.model import PicoDecoder, PicoDecoderConfig
+from pico.training import train_step as pico_train_step
 
 LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 SEQ = 8  # positions the model sees; batches hold SEQ + 1 tokens per row
@@ -30,16 +30,9 @@ def global_mean_loss(model, rows: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model, rows: torch.Tensor, micro_batch_size: int):
-    """Forward/backward of one optimizer update as the recipe runs it: this rank's contiguous slice of the
-    global batch, cut into micro-batches, loss scaled so the synced gradient is the global-batch mean."""
+    """The recipe's update (pico.training.train_step) on this rank's contiguous slice of the global batch,
+    cut into micro-batches; returns the global-batch mean loss."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     n = rows.shape[0] // world
-    local = rows[rank * n:(rank + 1) * n]  # (N/W, T+1)
-    n_tokens = rows.shape[0] * (rows.shape[1] - 1)
-    chunks = local.split(micro_batch_size)
-    for i, mb in enumerate(chunks):
-        with gradient_sync(model, enabled=i == len(chunks) - 1):
-            logits = model(mb[:, :-1])  # (mb, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
-            (loss * world / n_tokens).backward()
+    return pico_train_step(model, list(rows[rank * n:(rank + 1) * n].split(micro_batch_size)))  # (mb, T+1) each

@@ -178,7 +178,7 @@ def test_compiled_blocks_need_hook_guards():
         model(rows[:, :-1])
         with capture(model, LAYERS) as cap:
             model(rows[:, :-1])
-        with pytest.raises(RuntimeError, match="skip_nnmodule_hook_guards"):
+        with pytest.raises(RuntimeError, match="prepare_compile"):
             cap.activations()
     finally:
         torch._dynamo.reset()

@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from pico.capture import capture, capture_weights, gather_rows, write_learning_dynamics
-from pico.distributed import parallelize
+from pico.capture import capture, capture_weights
+from pico.distributed import gather_rows, parallelize
+from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from tests.capture.common import LAYERS, batch, tiny_model, train_step
 from tests.distributed import run_distributed_test
 
@@ -38,10 +39,11 @@ def _capture_on_two_ranks(strategy: str, positions: str, reference: dict, direct
     local = torch.arange(3.0).unsqueeze(1) + 10 * rank if rank == 0 else torch.tensor([[10.0]])
     assert torch.equal(gather_rows(local), torch.tensor([[0.0], [1.0], [2.0], [10.0]]))
 
-    written = write_learning_dynamics(directory, "train", {**got, "input_ids": rows}, step=3, positions=positions)
+    split = SplitDynamics(got["activations"], got["gradients"], rows)
+    written = write_learning_dynamics(directory, {"train": split}, got["weights"], step=3, positions=positions)
     assert (len(written) == 2) if rank == 0 else (written == [])
     dist.barrier()
-    with safe_open(f"{directory}/train.safetensors", "pt") as f:
+    with safe_open(f"{directory}/learning_dynamics/train.safetensors", "pt") as f:
         assert f.metadata()["world_size"] == "2"
 
 

@@ -1,23 +1,24 @@
-"""Contract-3 learning_dynamics files and the in-situ dynamics scalars."""
+"""learning_dynamics files (docs/checkpoints.md) and the in-situ dynamics scalars."""
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import pico
-from pico.capture import capture, capture_weights, dynamics_scalars, write_learning_dynamics
+from pico.analysis import in_situ_scalars
+from pico.capture import capture, capture_weights
+from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.metrics import condition_number, norm, per
 from tests.capture.common import LAYERS, SEQ, batch, tiny_model, train_step
 
 
-def captured(positions: str = "last") -> dict:
-    """Activations, gradients, weights and input_ids of one captured update of the tiny model."""
+def captured(positions: str = "last") -> tuple[SplitDynamics, dict]:
+    """What one captured update of the tiny model recorded, and the weights of its modules."""
     model, rows = tiny_model(), batch()
     with capture(model, LAYERS, positions=positions) as cap:
         train_step(model, rows, micro_batch_size=4)
         grads = cap.gradients()
-    return {"activations": cap.activations(), "gradients": grads,
-            "weights": capture_weights(model, LAYERS), "input_ids": rows}
+    return SplitDynamics(cap.activations(), grads, rows), capture_weights(model, LAYERS)
 
 
 def read(path):
@@ -31,9 +32,8 @@ SHAPES = {"attention.v_proj": (8, 16), "attention.o_proj": (16, 16), "swiglu.w_2
 
 @pytest.mark.parametrize("dtype,positions", [("float32", "last"), ("bfloat16", "all")])
 def test_files_match_contract(tmp_path, dtype, positions):
-    tensors = captured(positions)
-    paths = write_learning_dynamics(tmp_path / "learning_dynamics", "train", tensors, step=7,
-                                    positions=positions, dtype=dtype)
+    split, weights = captured(positions)
+    paths = write_learning_dynamics(tmp_path, {"train": split}, weights, step=7, positions=positions, dtype=dtype)
     assert [p.name for p in paths] == ["train.safetensors", "weights.safetensors"]
     modules = [f"layers.{i}.{s}" for i in range(2) for s in LAYERS]
     data, meta = read(paths[0])
@@ -45,49 +45,53 @@ def test_files_match_contract(tmp_path, dtype, positions):
         assert data[f"activations.{m}"].shape == (rows, out)
         assert data[f"gradients.{m}"].shape == (out, inp)
         assert data[f"activations.{m}"].dtype == data[f"gradients.{m}"].dtype == getattr(torch, dtype)
-        assert torch.equal(data[f"gradients.{m}"], tensors["gradients"][m].to(getattr(torch, dtype)))
-    assert torch.equal(data["input_ids"].long(), tensors["input_ids"]) and data["input_ids"].dtype == torch.int32
+        assert torch.equal(data[f"gradients.{m}"], split.gradients[m].to(getattr(torch, dtype)))
+    assert torch.equal(data["input_ids"].long(), split.input_ids) and data["input_ids"].dtype == torch.int32
     assert meta == {"step": "7", "split": "train", "positions": positions, "dtype": dtype, "world_size": "1",
                     "pico_version": pico.__version__}
-    weights, wmeta = read(paths[1])
-    assert sorted(weights) == sorted(f"weights.{m}" for m in modules)
-    assert weights[f"weights.{modules[0]}"].shape == SHAPES["attention.v_proj"]
+    stored, wmeta = read(paths[1])
+    assert sorted(stored) == sorted(f"weights.{m}" for m in modules)
+    assert stored[f"weights.{modules[0]}"].shape == SHAPES["attention.v_proj"]
     assert wmeta["split"] == "weights" and wmeta["step"] == "7"
 
 
 def test_eval_split_without_weights(tmp_path):
-    tensors = {k: v for k, v in captured().items() if k != "weights"}
-    paths = write_learning_dynamics(tmp_path, "eval", tensors, step=0)
+    split, _ = captured()
+    paths = write_learning_dynamics(tmp_path, {"eval": split}, None, step=0)
     assert [p.name for p in paths] == ["eval.safetensors"]
     assert read(paths[0])[1]["split"] == "eval"
 
 
 def test_bad_input_is_named(tmp_path):
-    tensors = captured()
+    split, weights = captured()
     with pytest.raises(ValueError, match=r"activations.layers.0.attention.v_proj has shape \(7, 8\)"):
-        bad = {**tensors["activations"], "layers.0.attention.v_proj": torch.zeros(7, 8)}
-        write_learning_dynamics(tmp_path, "train", {**tensors, "activations": bad}, step=1)
+        bad = {**split.activations, "layers.0.attention.v_proj": torch.zeros(7, 8)}
+        write_learning_dynamics(tmp_path, {"train": SplitDynamics(bad, split.gradients, split.input_ids)}, None,
+                                step=1)
     with pytest.raises(ValueError, match="'test'"):
-        write_learning_dynamics(tmp_path, "test", tensors, step=1)
+        write_learning_dynamics(tmp_path, {"test": split}, weights, step=1)
     with pytest.raises(ValueError, match="float16"):
-        write_learning_dynamics(tmp_path, "train", tensors, step=1, dtype="float16")
-    with pytest.raises(ValueError, match="'input_ids'"):
-        write_learning_dynamics(tmp_path, "train", {k: v for k, v in tensors.items() if k != "input_ids"}, step=1)
+        write_learning_dynamics(tmp_path, {"train": split}, weights, step=1, dtype="float16")
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        write_learning_dynamics(tmp_path, {"train": SplitDynamics(split.activations, split.gradients,
+                                                                  split.input_ids.float())}, None, step=1)
+    with pytest.raises(ValueError, match=r"weights.layers.0.attention.v_proj must be \(out_features"):
+        write_learning_dynamics(tmp_path, {}, {"layers.0.attention.v_proj": torch.zeros(3)}, step=1)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dynamics_scalars_tags_and_values():
-    tensors = captured()
-    scalars = dynamics_scalars(tensors, ["per", "condition_number", "norm"], split="eval")
+def test_in_situ_scalars_tags_and_values():
+    split, weights = captured()
+    scalars = in_situ_scalars({"eval": split}, weights, ["per", "condition_number", "norm"])
     m = "layers.1.attention.o_proj"
-    assert scalars[f"dynamics/per/eval/activations/{m}"] == per(tensors["activations"][m])
-    assert scalars[f"dynamics/condition_number/eval/weights/{m}"] == condition_number(tensors["weights"][m])
-    assert scalars[f"dynamics/norm/eval/gradients/{m}"] == norm(tensors["gradients"][m])
+    assert scalars[f"dynamics/per/eval/activations/{m}"] == per(split.activations[m])
+    assert scalars[f"dynamics/condition_number/train/weights/{m}"] == condition_number(weights[m])
+    assert scalars[f"dynamics/norm/eval/gradients/{m}"] == norm(split.gradients[m])
     # condition_number is registered for gradients and weights only; input_ids are never measured
     assert f"dynamics/condition_number/eval/activations/{m}" not in scalars
     assert len(scalars) == 6 * (3 + 2 + 3)
     assert all(isinstance(v, float) for v in scalars.values())
     with pytest.raises(ValueError, match="'cka' compares two tensors"):
-        dynamics_scalars(tensors, ["per", "cka"], split="train")
+        in_situ_scalars({"train": split}, None, ["per", "cka"])
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
-        dynamics_scalars(tensors, ["nope"], split="train")
+        in_situ_scalars({"train": split}, None, ["nope"])

@@ -49,7 +49,7 @@ def test_eos_and_chunking_arithmetic(tmp_path, tokenizer):
     assert load_stats(tmp_path / "out" / "train") == stats
     assert find_tokenizer(tmp_path / "out" / "train").read_bytes() == tokenizer.read_bytes()
     with TokenStream(tmp_path / "out" / "train", 5, 9, 3, vocab_size=47) as s:
-        assert s.num_samples == 9 and next(s)[0].shape == (3, 5)
+        assert s.num_samples == 9 and next(s)[:, :-1].shape == (3, 5)
 
 
 def test_eval_split_holds_out_whole_documents(tmp_path, tokenizer):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pico.data import DataError, TokenStream, find_tokenizer, iter_eval_batches, read_batch, resolve_url
+from pico.data import split_rows, DataError, TokenStream, find_tokenizer, iter_eval_batches, read_batch, resolve_url
 from tests.data.conftest import ROW_LEN, make_shards, row_ids
 from tests.distributed import run_distributed_test
 
@@ -25,7 +25,7 @@ def global_batches(path, batch_size, micro_batch_size, world_size, n_batches, **
         batch = []
         for s in streams:
             for _ in range(s.accumulation_steps):
-                batch += row_ids(next(s)[0])
+                batch += row_ids(next(s)[:, :-1])
         out.append(batch)
     for s in streams:
         s.close()
@@ -51,7 +51,7 @@ def test_micro_batch_split_contract(shards):
     for s in range(3):
         for r, stream in enumerate(streams):
             for k in range(stream.accumulation_steps):
-                inputs, labels = next(stream)
+                inputs, labels = split_rows(next(stream))
                 first = s * B + r * B // W + k * mb
                 assert row_ids(inputs) == list(range(first, first + mb))
                 assert inputs.dtype == labels.dtype == torch.int64 and inputs.shape == labels.shape == (mb, SEQ)
@@ -67,15 +67,15 @@ def test_indivisible_batch_is_a_value_error(shards):
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_mid_epoch_equals_uninterrupted(shards, prefetch):
     ref = TokenStream(shards, SEQ, 16, 2, 1, 2, shuffle_seed=5, wrap=True, prefetch=prefetch)
-    expected = [row_ids(next(ref)[0]) for _ in range(40)]
+    expected = [row_ids(next(ref)[:, :-1]) for _ in range(40)]
     first = TokenStream(shards, SEQ, 16, 2, 1, 2, shuffle_seed=5, wrap=True, prefetch=prefetch)
-    got = [row_ids(next(first)[0]) for _ in range(13)]  # mid global batch, with read-ahead in flight
+    got = [row_ids(next(first)[:, :-1]) for _ in range(13)]  # mid global batch, with read-ahead in flight
     state = first.state_dict()
     first.close()
     assert state["samples"] == 3 * 16 + 1 * 2 * 2 and state["epoch"] == 0
     second = TokenStream(shards, SEQ, 16, 2, 1, 2, shuffle_seed=5, wrap=True, prefetch=prefetch)
     second.load_state_dict(state)
-    got += [row_ids(next(second)[0]) for _ in range(27)]  # crosses into epoch 1
+    got += [row_ids(next(second)[:, :-1]) for _ in range(27)]  # crosses into epoch 1
     assert got == expected
     assert second.state_dict()["epoch"] == 1
     ref.close(), second.close()
@@ -96,7 +96,7 @@ def test_resume_onto_another_world_size(shards):
         batch = []
         for s in four:
             for _ in range(s.accumulation_steps):
-                batch += row_ids(next(s)[0])
+                batch += row_ids(next(s)[:, :-1])
         assert batch == ref[b]
     for s in two + four:
         s.close()
@@ -115,7 +115,7 @@ def test_mid_batch_state_needs_same_split(shards):
 def test_load_reads_no_consumed_data(shards):
     stream = TokenStream(shards, SEQ, 16, 8, 0, 1, prefetch=0)
     stream.load_state_dict({**stream.state_dict(), "samples": 96})
-    assert row_ids(next(stream)[0]) == list(range(96, 104))
+    assert row_ids(next(stream)[:, :-1]) == list(range(96, 104))
     assert stream.row_groups_read == 1  # only row group 12, nothing before it
 
 
@@ -137,9 +137,9 @@ def test_end_of_data_error_and_wrap(shards):
         next(stream)
     stream.close()
     wrapped = TokenStream(shards, SEQ, 40, 40, 0, 1, wrap=True)
-    assert [row_ids(next(wrapped)[0]) for _ in range(4)][3] == list(range(40))  # epoch 1 repeats epoch 0
+    assert [row_ids(next(wrapped)[:, :-1]) for _ in range(4)][3] == list(range(40))  # epoch 1 repeats epoch 0
     shuffled = TokenStream(shards, SEQ, 120, 120, 0, 1, shuffle_seed=0, wrap=True)
-    epoch0, epoch1 = row_ids(next(shuffled)[0]), row_ids(next(shuffled)[0])
+    epoch0, epoch1 = row_ids(next(shuffled)[:, :-1]), row_ids(next(shuffled)[:, :-1])
     assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) == list(range(120))  # reshuffled with seed + 1
     wrapped.close(), shuffled.close()
 
@@ -204,7 +204,7 @@ def _two_ranks_match_one(path, expected):
     rank, world = dist.get_rank(), dist.get_world_size()
     stream = TokenStream(path, SEQ, 16, 2, rank, world, shuffle_seed=7)
     for b in range(len(expected)):
-        mine = torch.cat([next(stream)[0] for _ in range(stream.accumulation_steps)])  # (B / W, seq_len)
+        mine = torch.cat([next(stream)[:, :-1] for _ in range(stream.accumulation_steps)])  # (B / W, seq_len)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         assert row_ids(torch.cat(gathered)) == expected[b], f"global batch {b}"
@@ -220,8 +220,20 @@ def test_gloo_ranks_read_the_same_global_batches(shards):
 def test_cuda_batches_come_from_pinned_memory(shards):
     with TokenStream(shards, SEQ, 16, 4, device="cuda", prefetch=0) as stream:
         staged = stream._read(0)
-        assert all(t.is_pinned() for t in staged)
-        inputs, labels = next(stream)
+        assert staged.is_pinned() and staged.shape == (4, SEQ + 1)
+        inputs, labels = split_rows(next(stream))
         assert inputs.is_cuda and labels.is_cuda and row_ids(inputs.cpu()) == [0, 1, 2, 3]
     with TokenStream(shards, SEQ, 16, 4, device="cuda", prefetch=2) as stream:
-        assert [row_ids(next(stream)[0].cpu()) for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert [row_ids(next(stream)[:, :-1].cpu()) for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_has_batch_and_next_batch_hand_over_token_rows(shards):
+    with TokenStream(shards, SEQ, 16, 4, prefetch=0) as stream:  # 120 samples: global batches 0..6
+        assert stream.has_batch(6) and not stream.has_batch(7)
+        batch = stream.next_batch()
+        assert len(batch) == stream.accumulation_steps == 4
+        assert all(rows.shape == (4, SEQ + 1) for rows in batch)
+        inputs, labels = split_rows(batch[0])
+        assert torch.equal(inputs[:, 1:], labels[:, :-1]) and row_ids(inputs) == [0, 1, 2, 3]
+    with TokenStream(shards, SEQ, 16, 4, wrap=True, prefetch=0) as stream:
+        assert stream.has_batch(1000)

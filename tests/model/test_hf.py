@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pico.model import PicoDecoder, PicoDecoderConfig, from_pretrained, save_pretrained
-from pico.model.hf import llama_to_pico_name, pico_to_llama_name
+from pico.model.hf import export_problem, llama_to_pico_name, pico_to_llama_name
 
 CONFIG = PicoDecoderConfig(d_model=64, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
                            activation_hidden_dim=128, vocab_size=256, max_seq_len=32,
@@ -32,7 +32,7 @@ def test_pico_to_hf_logits_match(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["pico"] == CONFIG.to_dict() and saved["torch_dtype"] == "float32"
+    assert "pico" not in saved and saved["torch_dtype"] == "float32"
 
 
 def test_hf_saved_llama_loads_into_pico(tmp_path):
@@ -127,3 +127,34 @@ def test_sharded_hf_checkpoint_loads(tmp_path):
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_export_refuses_modules_the_llama_layout_cannot_express(tmp_path):
+    model = PicoDecoder(CONFIG)
+    model.layers[1].swiglu_norm = torch.nn.LayerNorm(CONFIG.d_model, bias=False)  # same parameter names
+    assert "layers.1.swiglu_norm is a LayerNorm" in export_problem(model)
+    with pytest.raises(ValueError, match=r"^save_pretrained: module layers\.1\.swiglu_norm is a LayerNorm"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    model.layers[1].swiglu_norm = torch.nn.RMSNorm(CONFIG.d_model)
+    model.extra = torch.nn.Linear(2, 2)  # a parameterised module with no Llama name
+    assert export_problem(model) == "module extra (Linear) has parameters with no Llama counterpart"
+    assert export_problem(PicoDecoder(CONFIG)) is None
+
+
+def test_special_tokens_go_to_config_json(tmp_path):
+    PicoDecoder(CONFIG).save_pretrained(tmp_path, bos_token_id=3, eos_token_id=4)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"]) == (3, 4)
+    assert AutoConfig.from_pretrained(tmp_path).eos_token_id == 4
+
+
+def test_from_pretrained_builds_the_calling_class(tmp_path):
+    class Probe(PicoDecoder):
+        """A subclass, as a fork might define."""
+
+    PicoDecoder(CONFIG).save_pretrained(tmp_path)
+    loaded = Probe.from_pretrained(tmp_path)
+    assert type(loaded) is Probe
+    reference = from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(t, reference[name]) for name, t in loaded.state_dict().items())

@@ -3,11 +3,9 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,21 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = Path(__file__).resolve().parents[2]
-SEQ, VOCAB, STEPS = 16, 64, 6
-MODEL = ["model.d_model=32", "model.n_layers=2", "model.attention_n_heads=4", "model.attention_n_kv_heads=2",
-         "model.activation_hidden_dim=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=32"]
-LAYERS = ["layers.0.attention.v_proj", "layers.1.attention.o_proj", "layers.1.swiglu.w_2"]
-
-
-def write_shards(directory: Path, rows: int, seed: int, files: int = 2) -> Path:
-    """Random pretokenized shards (input_ids: seq_len + 1 ids per row)."""
-    directory.mkdir(parents=True)
-    ids = np.random.default_rng(seed).integers(0, VOCAB, size=(rows, SEQ + 1))
-    for i, part in enumerate(np.array_split(ids, files)):
-        table = pa.table({"input_ids": pa.array(part.tolist(), type=pa.list_(pa.int32()))})
-        pq.write_table(table, directory / f"part-{i:03d}.parquet", row_group_size=16)
-    return directory
+from tests.recipes.common import MODEL, ROOT, SEQ, STEPS, VOCAB, launch, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +29,6 @@ def overrides(data, run_dir, *extra):
             f"checkpointing.run_dir={run_dir}", "checkpointing.save_every=3", f"learning_dynamics.eval_data={evals}",
             "learning_dynamics.eval_batch_size=4", "learning_dynamics.metrics=[per, norm]",
             f"evaluation.data={evals}", "evaluation.batch_size=4", "logging.log_every=1", *extra]
-
-
-def launch(args, nproc=1, env=None, check=True, nnodes=None):
-    """Run the recipe: plain python for one process, ./torchrun.sh otherwise."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1 and nnodes is None:
-        cmd = [sys.executable, "recipes/pretrain.py", *args]
-    else:
-        env["NPROC_PER_NODE"] = str(nproc)
-        cmd = ["./torchrun.sh", "recipes/pretrain.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def losses(run_dir):
@@ -78,7 +48,7 @@ def single(data, tmp_path_factory):
     return run_dir
 
 
-def test_run_directory_follows_contract_3(single):
+def test_run_directory_follows_the_documented_layout(single):
     ckpts = single / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{STEPS}"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0", "step_3", "step_6"]
@@ -88,7 +58,7 @@ def test_run_directory_follows_contract_3(single):
         assert (d / "model" / "config.json").is_file() and (d / "model" / "model.safetensors").is_file()
         assert (d / "state" / ".metadata").is_file()
         result = json.loads((d / "eval.json").read_text())
-        assert result["step"] == step and result["perplexity"]["tokens"] == 24 * SEQ
+        assert result["step"] == step and result["paloma"]["tokens"] == 24 * SEQ
         for split, rows in (("train", 8), ("eval", 4)):
             with safe_open(d / "learning_dynamics" / f"{split}.safetensors", "pt") as f:
                 meta = f.metadata()
@@ -118,10 +88,10 @@ def test_tensorboard_has_training_eval_and_in_situ_scalars(single):
     loss, acc = losses(single)
     assert sorted(loss) == list(range(1, STEPS + 1)) and all(np.isfinite(list(loss.values())))
     tags = set(acc.Tags()["scalars"])
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "eval/perplexity"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "eval/paloma/perplexity"} <= tags
     assert "dynamics/per/train/gradients/layers.0.attention.v_proj" in tags
     assert "dynamics/norm/eval/activations/layers.1.swiglu.w_2" in tags
-    assert [e.step for e in acc.Scalars("eval/perplexity")] == [0, 3, 6]
+    assert [e.step for e in acc.Scalars("eval/paloma/perplexity")] == [0, 3, 6]
 
 
 def test_exported_model_loads_in_transformers(single):
@@ -158,7 +128,7 @@ def test_two_ranks_match_one_process(single, data, tmp_path, strategy):
 def test_resume_is_bitwise_exact(single, data, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(data, run_dir)
-    killed = launch(args, env={"PICO_KILL_AT_CHECKPOINT": "3:done"}, check=False)
+    killed = launch(args, check=False, kill_at="3:done")
     assert killed.returncode != 0 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step_3"
     resumed = launch(args)
     assert "resumed from" in resumed.stdout
@@ -173,7 +143,7 @@ def test_resume_is_bitwise_exact(single, data, tmp_path):
 def test_kill_while_writing_a_checkpoint_loses_nothing(single, data, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(data, run_dir)
-    killed = launch(args, env={"PICO_KILL_AT_CHECKPOINT": "3:writing"}, check=False)
+    killed = launch(args, check=False, kill_at="3:writing")
     assert killed.returncode != 0
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0"  # the half-written step_3 is not named
@@ -187,7 +157,7 @@ def test_kill_while_writing_a_checkpoint_loses_nothing(single, data, tmp_path):
 def test_resume_onto_another_world_size(single, data, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(data, run_dir, "training.strategy=fsdp")
-    launch(args, nproc=2, env={"PICO_KILL_AT_CHECKPOINT": "3:done"}, check=False)
+    launch(args, nproc=2, check=False, kill_at="3:done")
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_3"
     launch(args)  # one process picks up the 2-rank FSDP state
     for name, w in weights(single).items():

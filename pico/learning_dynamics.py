@@ -1,0 +1,104 @@
+"""The learning-dynamics files of a checkpoint step: what one split captured, its checks, writing and reading.
+
+Format (docs/checkpoints.md): `learning_dynamics/<split>.safetensors` holds `activations.<module>`,
+`gradients.<module>` and `input_ids` for the train and eval splits; `weights.safetensors` holds
+`weights.<module>`. Metadata records step, split, positions, dtype, world size and the pico version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import pico
+from pico.distributed import is_main, world_size
+from pico.run_dir import SPLITS, dynamics_file, tensor_key
+
+POSITIONS = ("last", "all")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}  # name -> torch dtype
+STORED_DTYPES = ("float32", "bfloat16")  # what learning_dynamics.dtype may store
+
+
+@dataclass
+class SplitDynamics:
+    """What one split captured on W_N: activations (N, out) or (N·T, out), gradients (out, in), input_ids (N, T+1)."""
+
+    activations: dict[str, torch.Tensor]
+    gradients: dict[str, torch.Tensor]
+    input_ids: torch.Tensor
+
+    def check(self, split: str, positions: str) -> None:
+        """Raise a one-line ValueError naming the tensor whose shape does not fit the format."""
+        ids = self.input_ids
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(f"{split} input_ids must be an integer tensor (N, T+1) or (N, T), "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
+        n, length = ids.shape
+        allowed = {n} if positions == "last" else {n * length, n * (length - 1)}
+        for name, t in self.activations.items():
+            if t.dim() != 2 or t.shape[0] not in allowed:
+                raise ValueError(f"activations.{name} has shape {tuple(t.shape)}; with input_ids {tuple(ids.shape)} "
+                                 f"and positions={positions!r} it needs {sorted(allowed)} rows")
+        check_matrices("gradients", self.gradients)
+
+
+def check_matrices(data_type: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Gradients and weights are (out_features, in_features) matrices."""
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{data_type}.{name} must be (out_features, in_features), got {tuple(t.shape)}")
+
+
+def write_learning_dynamics(step_path, splits: dict[str, SplitDynamics], weights: dict[str, torch.Tensor] | None,
+                            *, step: int, positions: str = "last", dtype: str = "float32") -> list[Path]:
+    """Write `<split>.safetensors` per split and `weights.safetensors` into `step_path/learning_dynamics/`.
+
+    Float tensors are stored as `dtype` ("float32" or "bfloat16"), input_ids as int32; the metadata records
+    the world size of the writing run. Only rank 0 writes; returns the paths written ([] on other ranks).
+    """
+    if dtype not in STORED_DTYPES:
+        raise ValueError(f"learning_dynamics.dtype={dtype!r} is not one of {list(STORED_DTYPES)}")
+    if positions not in POSITIONS:
+        raise ValueError(f"learning_dynamics.positions={positions!r} is not one of {POSITIONS}")
+    for split, captured in splits.items():
+        if split not in SPLITS:
+            raise ValueError(f"learning dynamics split must be one of {SPLITS}, got {split!r}")
+        captured.check(split, positions)
+    check_matrices("weights", weights or {})
+    if not is_main():
+        return []
+
+    def stored(t):
+        return t.detach().to("cpu", DTYPES[dtype]).contiguous()
+
+    files = {}
+    for split, captured in splits.items():
+        files[split] = {tensor_key(kind, name): stored(t) for kind, tensors in
+                        (("activations", captured.activations), ("gradients", captured.gradients))
+                        for name, t in tensors.items()}
+        files[split]["input_ids"] = captured.input_ids.detach().to("cpu", torch.int32).contiguous()  # (N, T+1)
+    if weights:
+        files["weights"] = {tensor_key("weights", name): stored(t) for name, t in weights.items()}
+    paths = []
+    for name, data in files.items():  # metadata "split" is the file's name: train, eval or weights
+        path = dynamics_file(step_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"step": str(step), "split": name, "positions": positions, "dtype": dtype,
+                    "world_size": str(world_size()), "pico_version": pico.__version__}
+        save_file(data, path, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def open_dynamics(path: Path, device: str = "cpu"):
+    """A lazy safetensors handle on a learning-dynamics file; a missing or unreadable file names itself."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    try:
+        return safe_open(path, framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types without the path
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None

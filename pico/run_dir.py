@@ -1,0 +1,155 @@
+"""The run directory: every path, step discovery, `latest`, and the learning-dynamics key format.
+
+Writers (the recipe, pico.checkpoint, pico.learning_dynamics) and readers (pico.analysis) both go through
+this module, so the layout is written down once. docs/checkpoints.md is its specification:
+
+    <run_dir>/config.yaml, tensorboard/, checkpoints/{latest, step_<N>/{model/, state/,
+    learning_dynamics/{train,eval,weights}.safetensors, eval.json}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from pico.distributed import barrier, is_main
+
+CONFIG = "config.yaml"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MODEL = "model"
+STATE = "state"
+DYNAMICS = "learning_dynamics"
+EVAL = "eval.json"
+SPLITS = ("train", "eval")  # learning-dynamics files of captured passes; weights.safetensors holds the weights
+DATA_TYPES = ("activations", "gradients", "weights")
+DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+_STEP = re.compile(r"step_(\d+)")
+
+
+def step_name(step: int) -> str:
+    """The directory name of the checkpoint taken after `step` optimizer updates."""
+    return f"step_{step}"
+
+
+def checkpoints_dir(run_dir) -> Path:
+    """`<run_dir>/checkpoints`."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dir(run_dir, step: int) -> Path:
+    """`<run_dir>/checkpoints/step_<step>`."""
+    return checkpoints_dir(run_dir) / step_name(step)
+
+
+def dynamics_file(step_path, name: str) -> Path:
+    """`<step_path>/learning_dynamics/<name>.safetensors`, name being a split or "weights"."""
+    return Path(step_path) / DYNAMICS / f"{name}.safetensors"
+
+
+def tensor_key(data_type: str, module: str) -> str:
+    """The safetensors key of a captured tensor, e.g. `gradients.layers.3.attention.v_proj`."""
+    return f"{data_type}.{module}"
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """(data_type, module) of a key made by `tensor_key`; None for other keys (e.g. `input_ids`)."""
+    data_type, _, module = key.partition(".")
+    return (data_type, module) if data_type in DATA_TYPES and module else None
+
+
+def module_matches(name: str, suffix: str) -> bool:
+    """True when module name `name` ends with `suffix` on a dot boundary (`layers.0.attention.v_proj`, `v_proj`)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
+    """Steps N, ascending, whose `step_<N>/` holds `require` (a sub-path such as learning_dynamics or state)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        raise ValueError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
+    steps = sorted(int(m.group(1)) for p in root.iterdir()
+                   if (m := _STEP.fullmatch(p.name)) and (p / require).exists())
+    if not steps:
+        raise ValueError(f"{root}: no step_<N>/{require} folders")
+    return steps
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint named by `<run_dir>/checkpoints/latest`, or None."""
+    marker = checkpoints_dir(run_dir) / LATEST
+    if not marker.exists():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    if not (path / STATE).is_dir():
+        raise FileNotFoundError(f"{marker}: names {path.name}, which has no {STATE}/ directory")
+    return path
+
+
+def resolve_resume(run_dir, resume: str) -> Path | None:
+    """Map `checkpointing.resume` (auto | never | <path>) to the checkpoint dir to load, or None."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / STATE).is_dir():
+        raise FileNotFoundError(f"checkpointing.resume: {path} is not a checkpoint directory (no {STATE}/ inside)")
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see either the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def publish_step(root: Path, tmp: Path, step: int) -> None:
+    """Rename the filled `tmp` dir to `step_<step>` and point `latest` at it (rank 0 only)."""
+    final = root / step_name(step)
+    if final.exists():  # a re-run of a step whose checkpoint was written but never named `latest`
+        old = root / f".old_{step_name(step)}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        shutil.rmtree(old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    write_atomic(root / LATEST, step_name(step) + "\n")
+
+
+@contextlib.contextmanager
+def step_writer(run_dir, step: int):
+    """Yield a temporary step dir to fill; on success rename it to `step_<N>` and point `latest` at it.
+
+    All ranks enter and leave together; rank 0 owns the directory. If the block raises (or the process
+    dies) the temporary dir is left behind unnamed and `latest` still names the previous complete step.
+    """
+    root = checkpoints_dir(run_dir)
+    tmp = root / f".tmp_{step_name(step)}"
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    yield tmp
+    barrier()
+    if is_main():
+        publish_step(root, tmp, step)
+    barrier()
