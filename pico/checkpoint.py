@@ -108,8 +108,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None) -> None:
-    """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there."""
-    from pico.model.hf import save_pretrained, save_tokenizer, special_token_ids
+    """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there.
+
+    A model with modules the Llama layout cannot express is refused (ValueError naming the module).
+    """
+    from pico.model.hf import export_problem, save_pretrained, save_tokenizer, special_token_ids
+
+    problem = export_problem(unwrap(model))
+    if problem:
+        raise ValueError(f"HF export: {problem}")
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():

@@ -4,7 +4,7 @@ Writers (the recipe, pico.checkpoint, pico.learning_dynamics) and readers (pico.
 this module, so the layout is written down once. docs/checkpoints.md is its specification:
 
     <run_dir>/config.yaml, tensorboard/, checkpoints/{latest, step_<N>/{model/, state/,
-    learning_dynamics/{train,eval,weights}.safetensors, eval.json}}
+    learning_dynamics/{train,eval,weights}.safetensors, eval.json}}, analysis/<name>/
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ MODEL = "model"
 STATE = "state"
 DYNAMICS = "learning_dynamics"
 EVAL = "eval.json"
+ANALYSIS = "analysis"
 SPLITS = ("train", "eval")  # learning-dynamics files of captured passes; weights.safetensors holds the weights
 DATA_TYPES = ("activations", "gradients", "weights")
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
@@ -44,6 +45,11 @@ def checkpoints_dir(run_dir) -> Path:
 def step_dir(run_dir, step: int) -> Path:
     """`<run_dir>/checkpoints/step_<step>`."""
     return checkpoints_dir(run_dir) / step_name(step)
+
+
+def analysis_dir(run_dir, name: str) -> Path:
+    """`<run_dir>/analysis/<name>`: the outputs of the analysis spec called `name`."""
+    return Path(run_dir) / ANALYSIS / name
 
 
 def dynamics_file(step_path, name: str) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 
 from pico.analysis.compute import Row, run_names
 from pico.analysis.spec import AnalysisSpec
+from pico.run_dir import analysis_dir
 
 COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "metric", "value")
 
@@ -113,7 +114,7 @@ def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
     """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of that name)."""
     written = []
     for run, name in zip(runs, run_names(runs)):
-        out = Path(run) / "analysis" / spec.name
+        out = analysis_dir(run, spec.name)
         for old in (out / "tensorboard", out / "plots"):
             shutil.rmtree(old, ignore_errors=True)
         mine = [r for r in rows if r.run == name]

@@ -204,7 +204,10 @@ def load_spec(path=None, overrides=()) -> AnalysisSpec:
     """The spec in YAML file `path` (default: DEFAULT_SPEC) with `key=value` overrides (values parsed as YAML)."""
     if path is not None and not Path(path).is_file():
         raise SpecError(f"{path}: no such config file")
-    raw = load_tree(path, overrides, depth=1, default=DEFAULT_SPEC)
+    try:
+        raw = load_tree(path, overrides, depth=1, default=DEFAULT_SPEC)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
     if path is not None:
         raw.setdefault("name", Path(path).stem)
     return parse_spec(raw)
