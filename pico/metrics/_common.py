@@ -51,7 +51,7 @@ def times_pow2(x, e: int):
 
 
 def normalised(t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, int]:
-    """(u, e): t = u * 2**e exactly, max|u| in [0.5, 1) or u = 0, in compute dtype; u None if t has NaN/inf."""
+    """(u, e): t = u * 2**e exactly, max|u| in [0.5, 1) or u = 0, in compute dtype; u None for NaN/inf."""
     dtype = compute_dtype(t, dtype)
     if not t.is_floating_point():
         t = t.to(dtype)
