@@ -1,8 +1,8 @@
-"""Metric registry: `@register_metric(name)` adds a metric, `get_metric(name)` finds it, `METRICS` lists them."""
+"""Metric registry: `@register_metric(name)` adds a metric, `get_metric(name)` finds it, `METRICS` has all."""
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pico.run_dir import DATA_TYPES
 
@@ -25,9 +25,14 @@ class Metric:
 
     @property
     def params(self) -> tuple[str, ...]:
-        """Keyword parameters a caller may set (everything after the tensor inputs, except `dtype`)."""
-        names = list(inspect.signature(self.fn).parameters)[2 if self.comparative else 1:]
-        return tuple(name for name in names if name != "dtype")
+        """Keyword parameters a spec may set (everything after the tensor inputs, except `dtype` and `sv`)."""
+        names = list(inspect.signature(self.fn).parameters)[2 if self.comparative else 1 :]
+        return tuple(name for name in names if name not in ("dtype", "sv"))
+
+    @property
+    def takes_sv(self) -> bool:
+        """Whether the metric accepts precomputed singular values as `sv=` (see `singular_values`)."""
+        return "sv" in inspect.signature(self.fn).parameters
 
 
 METRICS: dict[str, Metric] = {}

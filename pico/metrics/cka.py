@@ -1,15 +1,11 @@
-"""Representational similarity of two activation matrices (samples, features): CKA and PWCCA."""
+"""Centred kernel alignment (Kornblith et al. 2019) of two activation matrices (samples, features)."""
 
 import math
 
 import torch
 
-from pico.metrics.inputs import all_finite, as_pair
+from pico.metrics._common import centred, checked_pair, compute_dtype, sum_sq
 from pico.metrics.registry import register_metric
-
-
-def _centre(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(dim=0, keepdim=True)  # subtract each feature's mean over samples
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -18,8 +14,8 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Frobenius inner product <a, b> = sum_ij a_ij b_ij, as one BLAS dot."""
-    return torch.dot(a.flatten(), b.flatten())
+    """Frobenius inner product <a, b> = sum_ij a_ij b_ij, accumulated in float64."""
+    return (a * b).sum(dtype=torch.float64)
 
 
 def _rbf_gram(x: torch.Tensor, sigma: float) -> torch.Tensor | None:
@@ -50,18 +46,17 @@ def _u_centre_gram(k: torch.Tensor) -> torch.Tensor:
 
 def _debiased_dot(xty_sq, rows_x, rows_y, sq_x, sq_y, n):
     """n(n-3) HSIC_unbiased for linear kernels of centred features, from feature-space quantities."""
-    return xty_sq - n / (n - 2) * (rows_x @ rows_y) + sq_x * sq_y / ((n - 1) * (n - 2))
+    return xty_sq - n / (n - 2) * _inner(rows_x, rows_y) + sq_x * sq_y / ((n - 1) * (n - 2))
 
 
 def _linear_cka_features(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
     """Linear CKA of centred x (n, p), y (n, q) in feature space: |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F)."""
-    xy = torch.linalg.matrix_norm(y.T @ x) ** 2  # (q, p) -> scalar
-    xx = torch.linalg.matrix_norm(x.T @ x) ** 2
-    yy = torch.linalg.matrix_norm(y.T @ y) ** 2
+    # |Y^T X|_F^2, |X^T X|_F^2, |Y^T Y|_F^2 as float64 scalars
+    xy, xx, yy = sum_sq(y.T @ x), sum_sq(x.T @ x), sum_sq(y.T @ y)
     if debiased:
         n = x.shape[0]
         rows_x, rows_y = (x * x).sum(dim=1), (y * y).sum(dim=1)  # (n,) = diag of the Gram matrices
-        sq_x, sq_y = rows_x.sum(), rows_y.sum()
+        sq_x, sq_y = rows_x.sum(dtype=torch.float64), rows_y.sum(dtype=torch.float64)
         xy = _debiased_dot(xy, rows_x, rows_y, sq_x, sq_y, n)
         xx = _debiased_dot(xx, rows_x, rows_x, sq_x, sq_x, n)
         yy = _debiased_dot(yy, rows_y, rows_y, sq_y, sq_y, n)
@@ -69,20 +64,22 @@ def _linear_cka_features(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> fl
 
 
 @register_metric("cka", comparative=True, data_types=("activations",))
-def cka(x, y, kernel: str = "linear", debiased: bool = False, sigma: float = 1.0,
-        dtype: torch.dtype | None = None) -> float:
+def cka(
+    x, y, kernel: str = "linear", debiased: bool = False, sigma: float = 1.0, dtype: torch.dtype | None = None
+) -> float:
     """Centred kernel alignment (Kornblith et al. 2019) of activations x (n, p) and y (n, q)."""
     if kernel not in ("linear", "rbf"):
         raise ValueError(f"cka: kernel must be 'linear' or 'rbf', got {kernel!r}")
     if not sigma > 0:
         raise ValueError(f"cka: sigma must be positive, got {sigma!r}")
-    x, y = as_pair(x, y, "cka", dtype)
+    x, y = checked_pair(x, y, "cka")
     (n, p), q = x.shape, y.shape[1]
     if debiased and n < 4:
         raise ValueError(f"cka: debiased=True needs at least 4 samples, got x {tuple(x.shape)}")
-    if not all_finite(x, y):
+    dtype = compute_dtype(x, dtype)
+    x, y = centred(x, dtype), centred(y.to(x.device), dtype)  # scale-invariant: scaled to max|entry| ~ 1
+    if x is None or y is None:
         return math.nan
-    x, y = _centre(x), _centre(y)
     if kernel == "linear" and n * (p * q + p * p + q * q) <= n * n * (p + q):
         return _linear_cka_features(x, y, debiased)
     if kernel == "linear":
@@ -95,31 +92,4 @@ def cka(x, y, kernel: str = "linear", debiased: bool = False, sigma: float = 1.0
         k, l = _u_centre_gram(k), _u_centre_gram(l)
     elif kernel == "rbf":
         k, l = _centre_gram(k), _centre_gram(l)
-    return _ratio(_inner(k, l), torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l))
-
-
-def _whiten(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a covariance c = V diag(lam) V^T (p, p): (V lam^-1/2, V lam^1/2) over the r numerically nonzero lam."""
-    lam, v = torch.linalg.eigh(c)  # ascending
-    keep = lam > lam[-1].clamp_min(0) * c.shape[0] * torch.finfo(c.dtype).eps
-    return v[:, keep] * lam[keep].rsqrt(), v[:, keep] * lam[keep].sqrt()  # (p, r), (p, r)
-
-
-@register_metric("pwcca", comparative=True, data_types=("activations",))
-def pwcca(x, y, dtype: torch.dtype | None = None) -> float:
-    """Projection-weighted CCA (Morcos et al. 2018) of x (n, p) and y (n, q); weights come from x."""
-    x, y = as_pair(x, y, "pwcca", dtype)
-    if x.shape[0] <= max(x.shape[1], y.shape[1]):
-        raise ValueError(f"pwcca: needs more samples than features, got x {tuple(x.shape)} and y {tuple(y.shape)}")
-    if not all_finite(x, y):
-        return math.nan
-    x, y = _centre(x), _centre(y)
-    cxx, cyy, cxy = x.T @ x, y.T @ y, x.T @ y  # (p, p), (q, q), (p, q)
-    if cxx.abs().max().item() == 0 or cyy.abs().max().item() == 0:
-        return math.nan
-    wx, root_x = _whiten(cxx)  # (p, rx): h = x @ wx is an orthonormal basis of x's column space
-    wy, _ = _whiten(cyy)  # (q, ry)
-    u, rho, _ = torch.linalg.svd(wx.T @ cxy @ wy, full_matrices=False)  # (rx, k), (k,) canonical correlations
-    # canonical variates of x: h = x wx u (n, k), orthonormal; h^T x = u^T wx^T cxx = u^T root_x^T (k, p)
-    alpha = (u.T @ root_x.T).abs().sum(dim=1)  # (k,) sum_j |<h_i, x_j>| over x's centred neurons
-    return ((alpha / alpha.sum()) * rho.clamp(0, 1)).sum().item()
+    return _ratio(_inner(k, l), (sum_sq(k) * sum_sq(l)).sqrt())
