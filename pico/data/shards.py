@@ -134,8 +134,15 @@ def build_index(path: str) -> ShardIndex:
             first += n
     rg_file, rg_id, rg_rows, rg_file_row = np.asarray(groups, dtype=np.int64).T
     return ShardIndex(
-        path=str(path), fs=fs, files=files, metadata=metadata, rg_file=rg_file, rg_id=rg_id, rg_rows=rg_rows,
-        rg_start=np.cumsum(rg_rows) - rg_rows, rg_file_row=rg_file_row,
+        path=str(path),
+        fs=fs,
+        files=files,
+        metadata=metadata,
+        rg_file=rg_file,
+        rg_id=rg_id,
+        rg_rows=rg_rows,
+        rg_start=np.cumsum(rg_rows) - rg_rows,
+        rg_file_row=rg_file_row,
     )
 
 
@@ -154,7 +161,9 @@ class RowGroupReader:
             return self._cached[1]
         file, first_row = int(self.index.rg_file[g]), int(self.index.rg_file_row[g])
         try:
-            table = self._parquet(file).read_row_group(int(self.index.rg_id[g]), columns=[COLUMN], use_threads=False)
+            table = self._parquet(file).read_row_group(
+                int(self.index.rg_id[g]), columns=[COLUMN], use_threads=False
+            )
         except Exception as e:  # corrupt pages, truncated files, network errors
             raise DataError(
                 f"{self.index.name(file)}: cannot read rows {first_row}..{first_row + int(self.index.rg_rows[g]) - 1} "
@@ -192,12 +201,17 @@ class RowGroupReader:
             )
         values = column.flatten()
         if values.null_count:
-            row = first_row + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // self.row_len
+            row = (
+                first_row
+                + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // self.row_len
+            )
             raise DataError(f"{name}: row {row} contains a null token")
         rows = values.to_numpy().reshape(-1, self.row_len)  # (rows, seq_len + 1)
         out = rows < 0 if self.vocab_size is None else (rows < 0) | (rows >= self.vocab_size)
         if out.any():
             r, c = np.argwhere(out)[0]
             limit = "non-negative" if self.vocab_size is None else f"in [0, vocab_size={self.vocab_size})"
-            raise DataError(f"{name}: row {first_row + int(r)} has token id {int(rows[r, c])}, expected {limit}")
+            raise DataError(
+                f"{name}: row {first_row + int(r)} has token id {int(rows[r, c])}, expected {limit}"
+            )
         return rows

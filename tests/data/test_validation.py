@@ -30,10 +30,14 @@ def test_wrong_row_length_names_file_and_row(tmp_path):
 
 def test_token_outside_vocab_names_file_and_row(tmp_path):
     make_shards(tmp_path / "d", (8, 16))  # tokens of row g are 9g .. 9g + 8; the first ≥ 100 is in row 11
-    with pytest.raises(DataError, match=r"part-1\.parquet: row 3 has token id 100, expected in \[0, vocab_size=100\)"):
+    with pytest.raises(
+        DataError, match=r"part-1\.parquet: row 3 has token id 100, expected in \[0, vocab_size=100\)"
+    ):
         first_batches(tmp_path / "d", vocab_size=100)
     assert len(first_batches(tmp_path / "d", vocab_size=9 * 24)) == 3
-    write_rows(tmp_path / "neg" / "n.parquet", [[0] * ROW_LEN] * 5 + [[0] * 4 + [-7] + [0] * 4] + [[0] * ROW_LEN] * 2)
+    write_rows(
+        tmp_path / "neg" / "n.parquet", [[0] * ROW_LEN] * 5 + [[0] * 4 + [-7] + [0] * 4] + [[0] * ROW_LEN] * 2
+    )
     with pytest.raises(DataError, match=r"n\.parquet: row 5 has token id -7, expected non-negative"):
         first_batches(tmp_path / "neg")
 
@@ -56,7 +60,9 @@ def test_wrong_column_type(tmp_path):
     path = tmp_path / "d" / "x.parquet"
     path.parent.mkdir()
     pq.write_table(pa.table({"input_ids": pa.array(["text"] * 8)}), path)
-    with pytest.raises(DataError, match=rf"{path}: column 'input_ids' has type string, expected a list of integers"):
+    with pytest.raises(
+        DataError, match=rf"{path}: column 'input_ids' has type string, expected a list of integers"
+    ):
         read_batch(path.parent, 1, SEQ)
 
 
@@ -100,7 +106,7 @@ def test_corrupt_row_group_names_file_and_rows(tmp_path):
     chunk = pq.ParquetFile(path).metadata.row_group(2).column(0)
     data = bytearray(path.read_bytes())
     start, size = chunk.data_page_offset, chunk.total_compressed_size
-    data[start:start + size] = b"\xff" * size
+    data[start : start + size] = b"\xff" * size
     path.write_bytes(bytes(data))  # the footer still reads: the damage shows when rows 16..23 are read
     with TokenStream(path.parent, SEQ, 8, 8, prefetch=0) as stream:
         next(stream), next(stream)
