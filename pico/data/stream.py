@@ -203,11 +203,12 @@ class TokenStream:
             )
             self._thread.start()
         while True:
+            alive = self._thread.is_alive()  # before get(): a thread dead by then has put all it ever will
             try:
                 item = self._queue.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self._thread.is_alive():
+                if not alive:
                     raise RuntimeError(f"{self.path}: data prefetch thread exited") from None
         if isinstance(item, BaseException):
             self._stop_thread()
