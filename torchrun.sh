@@ -4,8 +4,10 @@
 # Single node by default: every visible GPU, or 2 CPU processes without one (NPROC_PER_NODE overrides).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node, or run under SLURM
 # (srun ./torchrun.sh ...), where SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID and the first host of
-# SLURM_JOB_NODELIST fill them in.
+# SLURM_JOB_NODELIST fill them in. PYTHON (default python3) is the interpreter that has torch.
 set -euo pipefail
+# torchrun as a module of the interpreter, not a `torchrun` on PATH: works without an activated venv.
+PYTHON=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
   sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
@@ -13,7 +15,7 @@ if [ $# -eq 0 ]; then
 fi
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ "$gpus" -gt 0 ]; then NPROC_PER_NODE=$gpus; else NPROC_PER_NODE=2; fi
 fi
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
@@ -33,7 +35,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "$NNODES" -eq 1 ] && [ -z "$ADDR_GIVEN" ]; then
   # Single node: a private rendezvous on a free port, so two runs on one machine never collide.
-  exec torchrun --standalone --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" "$@"
+  exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" "$@"
 fi
-exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" "$@"
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
+  --rdzv_id "$RDZV_ID" "$@"

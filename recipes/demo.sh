@@ -33,5 +33,7 @@ print(f"tensorboard:  tensorboard --logdir {run}")
 print(f"checkpoints:  {run / 'checkpoints'} (model/ loads with transformers.AutoModelForCausalLM)")
 for csv in sorted((run / "analysis").glob("*/metrics.csv")):
     print(f"metrics:      {csv}")
-    print(f"plots:        {csv.parent / 'plots'}/")
+    pngs = sorted((csv.parent / "plots").glob("*.png"))
+    if pngs:
+        print(f"plots:        {csv.parent / 'plots'}/ ({len(pngs)} PNGs, e.g. {pngs[0].name})")
 PY

@@ -60,12 +60,10 @@ def plot_rows(rows, out_dir) -> list[Path]:
     Per-head components plot the mean over heads with a band from the smallest to the largest head.
     NaN and inf are left out of the lines and counted in the title.
     """
-    try:
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'pico[plot]'") from None
+    from matplotlib import colormaps  # imported here: the tidy table alone needs no plotting library
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     groups = defaultdict(list)
     for row in rows:
         groups[row.run, row.metric, row.data_type, row.component, row.split].append(row)

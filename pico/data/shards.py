@@ -134,8 +134,15 @@ def build_index(path: str) -> ShardIndex:
             first += n
     rg_file, rg_id, rg_rows, rg_file_row = np.asarray(groups, dtype=np.int64).T
     return ShardIndex(
-        path=str(path), fs=fs, files=files, metadata=metadata, rg_file=rg_file, rg_id=rg_id, rg_rows=rg_rows,
-        rg_start=np.cumsum(rg_rows) - rg_rows, rg_file_row=rg_file_row,
+        path=str(path),
+        fs=fs,
+        files=files,
+        metadata=metadata,
+        rg_file=rg_file,
+        rg_id=rg_id,
+        rg_rows=rg_rows,
+        rg_start=np.cumsum(rg_rows) - rg_rows,
+        rg_file_row=rg_file_row,
     )
 
 
@@ -154,7 +161,9 @@ class RowGroupReader:
             return self._cached[1]
         file, first_row = int(self.index.rg_file[g]), int(self.index.rg_file_row[g])
         try:
-            table = self._parquet(file).read_row_group(int(self.index.rg_id[g]), columns=[COLUMN], use_threads=False)
+            table = self._parquet(file).read_row_group(
+                int(self.index.rg_id[g]), columns=[COLUMN], use_threads=False
+            )
         except Exception as e:  # corrupt pages, truncated files, network errors
             raise DataError(
                 f"{self.index.name(file)}: cannot read rows {first_row}..{first_row + int(self.index.rg_rows[g]) - 1} "
@@ -179,25 +188,33 @@ class RowGroupReader:
         return self._open[2]
 
     def _validate(self, column: pa.Array, file: int, first_row: int) -> np.ndarray:
-        name = self.index.name(file)
+        """The rows as an array (rows, row_len), or a DataError `<file> row <r>: ...` for the first bad row."""
+
+        def error(row: int, problem: str) -> DataError:
+            return DataError(f"{self.index.name(file)} row {first_row + row}: {problem}")
+
         if column.null_count:
-            row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{name}: row {row} is null")
+            raise error(
+                int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]), "the row is null"
+            )
         lengths = pc.list_value_length(column).to_numpy()
         bad = np.flatnonzero(lengths != self.row_len)
         if bad.size:
-            raise DataError(
-                f"{name}: row {first_row + int(bad[0])} has {int(lengths[bad[0]])} tokens, "
-                f"expected seq_len + 1 = {self.row_len}"
-            )
+            n = int(lengths[bad[0]])
+            problem = f"{n} tokens, expected seq_len + 1 = {self.row_len}"
+            if len(lengths) > 1 and n > 1 and (lengths == n).all():  # a seq_len mismatch, not one bad row
+                problem += f" (so do all {len(lengths)} rows of its row group: data for seq_len {n - 1}?)"
+            raise error(int(bad[0]), problem)
         values = column.flatten()
         if values.null_count:
-            row = first_row + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // self.row_len
-            raise DataError(f"{name}: row {row} contains a null token")
+            r, c = divmod(
+                int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]), self.row_len
+            )
+            raise error(r, f"null token at position {c}")
         rows = values.to_numpy().reshape(-1, self.row_len)  # (rows, seq_len + 1)
         out = rows < 0 if self.vocab_size is None else (rows < 0) | (rows >= self.vocab_size)
         if out.any():
             r, c = np.argwhere(out)[0]
             limit = "non-negative" if self.vocab_size is None else f"in [0, vocab_size={self.vocab_size})"
-            raise DataError(f"{name}: row {first_row + int(r)} has token id {int(rows[r, c])}, expected {limit}")
+            raise error(int(r), f"token id {int(rows[r, c])} at position {int(c)}, expected {limit}")
         return rows

@@ -20,7 +20,8 @@ class SampleOrder:
 
     def __init__(self, index: ShardIndex, shuffle_seed: int | None = None):
         self.index, self.seed = index, shuffle_seed
-        self._blocks: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, row group order, their starts)
+        # (epoch, row group order, their starts)
+        self._blocks: tuple[int, np.ndarray, np.ndarray] | None = None
         self._rows: tuple[int, int, np.ndarray] | None = None  # (epoch, row group, row permutation)
 
     def locate(self, epoch: int, i: int) -> tuple[int, int]:
@@ -83,7 +84,12 @@ class TokenStream:
         self.path, self.seq_len, self.vocab_size = str(path), seq_len, vocab_size
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
-        self.shuffle_seed, self.wrap, self.prefetch, self.device = shuffle_seed, wrap, prefetch, torch.device(device)
+        self.shuffle_seed, self.wrap, self.prefetch, self.device = (
+            shuffle_seed,
+            wrap,
+            prefetch,
+            torch.device(device),
+        )
         self.accumulation_steps = batch_size // (micro_batch_size * world_size)
         self.index = build_index(self.path)
         self.num_samples = self.index.num_samples
@@ -129,9 +135,13 @@ class TokenStream:
         s, k = divmod(self._consumed, self.accumulation_steps)
         samples = s * self.batch_size + k * self.micro_batch_size * self.world_size
         return {
-            "samples": samples, "epoch": samples // self.num_samples, "num_samples": self.num_samples,
-            "shuffle_seed": self.shuffle_seed, "batch_size": self.batch_size,
-            "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
+            "samples": samples,
+            "epoch": samples // self.num_samples,
+            "num_samples": self.num_samples,
+            "shuffle_seed": self.shuffle_seed,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,7 +176,7 @@ class TokenStream:
         if self._stop_thread():
             self._reader.close()
 
-    def __enter__(self) -> "TokenStream":
+    def __enter__(self) -> "TokenStream":  # noqa: PYI034 (typing.Self needs Python 3.11; pico supports 3.10)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,16 +208,19 @@ class TokenStream:
         if self._thread is None:
             self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
             self._thread = threading.Thread(
-                target=_prefetch, args=(weakref.ref(self), self._consumed, self._queue, self._stop),
-                daemon=True, name="pico-data-prefetch",
+                target=_prefetch,
+                args=(weakref.ref(self), self._consumed, self._queue, self._stop),
+                daemon=True,
+                name="pico-data-prefetch",
             )
             self._thread.start()
         while True:
+            alive = self._thread.is_alive()  # before get(): a thread dead by then has put all it ever will
             try:
                 item = self._queue.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self._thread.is_alive():
+                if not alive:
                     raise RuntimeError(f"{self.path}: data prefetch thread exited") from None
         if isinstance(item, BaseException):
             self._stop_thread()
@@ -221,9 +234,11 @@ class TokenStream:
         self._stop.set()
         deadline = time.monotonic() + timeout
         while True:
-            while not self._queue.empty():  # make room, so a producer blocked in put() wakes up and sees `stop`
+            # Make room, so a producer blocked in put() wakes up and sees `stop`.
+            while not self._queue.empty():
                 self._queue.get_nowait()
-            if self._thread is threading.current_thread():  # dropped by its own prefetch thread, which now exits
+            # Dropped by its own prefetch thread, which now exits.
+            if self._thread is threading.current_thread():
                 return False
             self._thread.join(0.01)
             if not self._thread.is_alive() or time.monotonic() > deadline:
@@ -242,7 +257,7 @@ def _prefetch(ref: "weakref.ref[TokenStream]", m: int, out: queue.Queue, stop: t
             return
         try:
             item = stream._read(m)
-        except BaseException as e:  # handed to the consumer, raised at the micro-batch that failed
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, raised at the micro-batch that failed)
             item = e
         del stream  # hold no reference while waiting, so a dropped stream is collected and closed
         out.put(item)  # blocks while `prefetch` items wait; close() drains the queue to unblock it
@@ -288,7 +303,9 @@ def iter_eval_batches(
     Every rank yields the same number of batches; global batch s is rows [s·b·W, (s+1)·b·W) in file order and rank
     r takes rows [s·b·W + r·b, s·b·W + (r+1)·b). The remainder of fewer than b·W rows is not evaluated.
     """
-    stream = TokenStream(path, seq_len, batch_size * world_size, batch_size, rank, world_size, vocab_size, prefetch=0)
+    stream = TokenStream(
+        path, seq_len, batch_size * world_size, batch_size, rank, world_size, vocab_size, prefetch=0
+    )
     batches = stream.num_samples // (batch_size * world_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
