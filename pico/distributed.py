@@ -14,6 +14,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from pico.lifecycle import die_with_parent
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,7 +40,13 @@ def world_size() -> int:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Init the process group from torchrun's env (nccl on CUDA, gloo on CPU); a plain 1-process run needs none."""
+    """Init the process group from torchrun's env (nccl on CUDA, gloo on CPU); a plain 1-process run needs none.
+
+    A worker started by a launcher (LOCAL_RANK set) exits when the launcher dies (pico.lifecycle), so a
+    killed torchrun leaves no orphans writing checkpoints; a plain `python` run is left alone (nohup).
+    """
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

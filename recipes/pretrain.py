@@ -16,7 +16,7 @@ from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
 from pico.config import ConfigError, load_config, save_config
-from pico.data import TokenStream, find_tokenizer, iter_eval_batches, read_batch
+from pico.data import DataError, TokenStream, find_tokenizer, iter_eval_batches, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
 from pico.evaluation import perplexity
 from pico.logging import TrainLogger, exit_on, peak_flops
@@ -192,4 +192,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on("data error", DataError):  # a bad row met mid-run: one line, exit 2
+        main()
