@@ -42,12 +42,16 @@ def stream_read(path: Path, seq_len: int, rows: int, world_size: int, micro: int
     return tokens * (seq_len + 1) // seq_len, max(times)
 
 
-def data_wait(path: Path, seq_len: int, vocab: int, micro: int, accum: int, steps: int, prefetch: int) -> tuple:
+def data_wait(
+    path: Path, seq_len: int, vocab: int, micro: int, accum: int, steps: int, prefetch: int
+) -> tuple:
     """(blocked seconds, total seconds, steps) of PicoDecoder-tiny training fed by the stream."""
     torch.manual_seed(0)
     model = PicoDecoder(PicoDecoderConfig.preset("tiny", vocab_size=vocab, max_seq_len=seq_len))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with TokenStream(path, seq_len, micro * accum, micro, vocab_size=vocab, wrap=True, prefetch=prefetch) as stream:
+    with TokenStream(
+        path, seq_len, micro * accum, micro, vocab_size=vocab, wrap=True, prefetch=prefetch
+    ) as stream:
         blocked = total = 0.0
         for step in range(steps + 2):  # the first two steps warm up and are not counted
             t0 = time.perf_counter()
@@ -76,27 +80,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         rng = np.random.default_rng(0)
-        write_shards(rng.integers(0, args.vocab_size, (args.rows, args.seq_len + 1), dtype=np.int32), path, "bench",
-                     args.shards)
+        write_shards(
+            rng.integers(0, args.vocab_size, (args.rows, args.seq_len + 1), dtype=np.int32),
+            path,
+            "bench",
+            args.shards,
+        )
         full_read(path)  # warm the page cache
         ref_tokens, ref_s = min((full_read(path) for _ in range(3)), key=lambda r: r[1])
         print(f"{args.rows} rows × {args.seq_len + 1} tokens in {args.shards} shards (row groups of 256)")
         print(f"{'reader':<36}{'tokens/rank':>12}{'s/rank':>10}{'tokens/s':>14}{'vs pyarrow':>11}")
-        print(f"{'pyarrow read_table (reference)':<36}{ref_tokens:>12}{ref_s:>10.4f}{ref_tokens / ref_s:>14,.0f}"
-              f"{1.0:>11.2f}")
+        print(
+            f"{'pyarrow read_table (reference)':<36}{ref_tokens:>12}{ref_s:>10.4f}{ref_tokens / ref_s:>14,.0f}"
+            f"{1.0:>11.2f}"
+        )
         for world_size in (1, 2):
-            tokens, s = min((stream_read(path, args.seq_len, args.rows, world_size, 64) for _ in range(3)),
-                            key=lambda r: r[1])
-            print(f"{f'TokenStream, {world_size} rank(s), per rank':<36}{tokens:>12}{s:>10.4f}{tokens / s:>14,.0f}"
-                  f"{ref_s / s:>11.2f}")
-        print(f"\ntraining step: PicoDecoder tiny, vocab {args.vocab_size}, micro-batch {args.micro_batch_size} × "
-              f"{args.accumulation} accumulation, seq_len {args.seq_len}, 1 CPU thread, {args.steps} steps")
+            tokens, s = min(
+                (stream_read(path, args.seq_len, args.rows, world_size, 64) for _ in range(3)),
+                key=lambda r: r[1],
+            )
+            print(
+                f"{f'TokenStream, {world_size} rank(s), per rank':<36}{tokens:>12}{s:>10.4f}{tokens / s:>14,.0f}"
+                f"{ref_s / s:>11.2f}"
+            )
+        print(
+            f"\ntraining step: PicoDecoder tiny, vocab {args.vocab_size}, micro-batch {args.micro_batch_size} × "
+            f"{args.accumulation} accumulation, seq_len {args.seq_len}, 1 CPU thread, {args.steps} steps"
+        )
         print(f"{'prefetch':<12}{'ms/step':>10}{'ms waiting':>12}{'data wait':>12}")
         for prefetch in (0, 2):
-            blocked, total, steps = data_wait(path, args.seq_len, args.vocab_size, args.micro_batch_size,
-                                              args.accumulation, args.steps, prefetch)
-            print(f"{prefetch:<12}{1e3 * total / steps:>10.1f}{1e3 * blocked / steps:>12.3f}"
-                  f"{100 * blocked / total:>11.3f}%")
+            blocked, total, steps = data_wait(
+                path,
+                args.seq_len,
+                args.vocab_size,
+                args.micro_batch_size,
+                args.accumulation,
+                args.steps,
+                prefetch,
+            )
+            print(
+                f"{prefetch:<12}{1e3 * total / steps:>10.1f}{1e3 * blocked / steps:>12.3f}"
+                f"{100 * blocked / total:>11.3f}%"
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def ref_pwcca(x, y):
 
     sx, sy = inv_sqrt(x.T @ x), inv_sqrt(y.T @ y)
     u, rho, _ = np.linalg.svd(sx @ (x.T @ y) @ sy)
-    h = x @ sx @ u[:, :len(rho)]
+    h = x @ sx @ u[:, : len(rho)]
     alpha = np.abs(h.T @ x).sum(1)
     return float(alpha @ rho / alpha.sum())
 
@@ -90,9 +90,15 @@ REFERENCES = {
     "hoyer": lambda w: float((np.sqrt(w.size) - np.abs(w).sum() / np.linalg.norm(w)) / (np.sqrt(w.size) - 1)),
 }
 PICO = {
-    "cka": cka, "cka_rbf": lambda x, y: cka(x, y, kernel="rbf"), "pwcca": pwcca, "per": per,
-    "condition_number": condition_number, "norm_nuc": lambda w: norm(w, "nuc"),
-    "norm_spectral": lambda w: norm(w, "spectral"), "norm_inf": lambda w: norm(w, "inf"), "gini": gini,
+    "cka": cka,
+    "cka_rbf": lambda x, y: cka(x, y, kernel="rbf"),
+    "pwcca": pwcca,
+    "per": per,
+    "condition_number": condition_number,
+    "norm_nuc": lambda w: norm(w, "nuc"),
+    "norm_spectral": lambda w: norm(w, "spectral"),
+    "norm_inf": lambda w: norm(w, "inf"),
+    "gini": gini,
     "hoyer": hoyer,
 }
 COMPARATIVE = ("cka", "cka_rbf", "pwcca")
@@ -115,10 +121,14 @@ def metric_table(args):
     inputs = {}
     for features in args.features:
         x = g.standard_normal((args.samples, features))
-        y = np.tanh(x @ g.standard_normal((features, features)) / np.sqrt(features))  # a related representation
+        y = np.tanh(
+            x @ g.standard_normal((features, features)) / np.sqrt(features)
+        )  # a related representation
         inputs[f"act {args.samples}x{features}"] = (x, y)
     inputs[f"weight {args.weight[0]}x{args.weight[1]}"] = (g.standard_normal(args.weight) * 0.02,)
-    print(f"{'metric':<18}{'input':<20}{'device':<8}{'pico ms':>10}{'numpy f64 ms':>14}{'ratio':>8}{'rel diff':>10}")
+    print(
+        f"{'metric':<18}{'input':<20}{'device':<8}{'pico ms':>10}{'numpy f64 ms':>14}{'ratio':>8}{'rel diff':>10}"
+    )
     pwcca_cpu = {}
     for label, arrays in inputs.items():
         names = COMPARATIVE if len(arrays) == 2 else [n for n in PICO if n not in COMPARATIVE]
@@ -131,22 +141,26 @@ def metric_table(args):
                 pico_s, pico_v = timed(PICO[name], *tensors, repeats=args.repeats)
                 if name == "pwcca" and device == "cpu":
                     pwcca_cpu[label] = pico_s
-                print(f"{name:<18}{label:<20}{device:<8}{pico_s * 1e3:>10.1f}{ref_s * 1e3:>14.1f}"
-                      f"{ref_s / pico_s:>7.1f}x{abs(pico_v - ref_v) / max(abs(ref_v), 1e-300):>10.1e}")
+                print(
+                    f"{name:<18}{label:<20}{device:<8}{pico_s * 1e3:>10.1f}{ref_s * 1e3:>14.1f}"
+                    f"{ref_s / pico_s:>7.1f}x{abs(pico_v - ref_v) / max(abs(ref_v), 1e-300):>10.1e}"
+                )
     for label, seconds in pwcca_cpu.items():
         if label.endswith("x384") and label.startswith("act 4096"):
-            print(f"\npwcca {label} CPU: {seconds:.3f} s vs pico-analyze {PICO_ANALYZE_PWCCA_S:.1f} s "
-                  f"-> {PICO_ANALYZE_PWCCA_S / seconds:.0f}x faster (goal: 50x)")
+            print(
+                f"\npwcca {label} CPU: {seconds:.3f} s vs pico-analyze {PICO_ANALYZE_PWCCA_S:.1f} s "
+                f"-> {PICO_ANALYZE_PWCCA_S / seconds:.0f}x faster (goal: 50x)"
+            )
 
 
 def reference_pass(run: Path, metrics: dict) -> int:
     """pico-analyze style: for every metric, reload every checkpoint's files and compute in NumPy float64."""
     count = 0
-    for name, fn in metrics.items():
+    for fn in metrics.values():
         for step in list_steps(run):
             ld = run / "checkpoints" / f"step_{step}" / "learning_dynamics"
             weights = load_file(ld / "weights.safetensors")
-            for key, w in weights.items():
+            for w in weights.values():
                 fn(w.astype(np.float64))
                 count += 1
             for split in ("train", "eval"):
@@ -159,47 +173,71 @@ def reference_pass(run: Path, metrics: dict) -> int:
 
 def analysis_table(args):
     with tempfile.TemporaryDirectory() as tmp:
-        run = make_run(Path(tmp) / "bench", steps=tuple(range(0, 10 * args.run_every, args.run_every)),
-                       n_layers=args.run_layers, d_model=args.run_d_model, n_heads=args.run_d_model // 64 or 1,
-                       n_kv_heads=args.run_d_model // 64 or 1, hidden=4 * args.run_d_model,
-                       n_samples=args.run_samples)
-        spec = {"metrics": ["per", "condition_number", {"name": "norm", "kind": "spectral"}],
-                "data_types": ["weights", "gradients"]}
+        run = make_run(
+            Path(tmp) / "bench",
+            steps=tuple(range(0, 10 * args.run_every, args.run_every)),
+            n_layers=args.run_layers,
+            d_model=args.run_d_model,
+            n_heads=args.run_d_model // 64 or 1,
+            n_kv_heads=args.run_d_model // 64 or 1,
+            hidden=4 * args.run_d_model,
+            n_samples=args.run_samples,
+        )
+        spec = {
+            "metrics": ["per", "condition_number", {"name": "norm", "kind": "spectral"}],
+            "data_types": ["weights", "gradients"],
+        }
         start = time.perf_counter()
         rows = analyze([run], spec, progress=False)
         pico_s = time.perf_counter() - start
         start = time.perf_counter()
-        count = reference_pass(run, {"per": REFERENCES["per"], "condition_number": REFERENCES["condition_number"],
-                                     "norm_spectral": REFERENCES["norm_spectral"]})
+        count = reference_pass(
+            run,
+            {
+                "per": REFERENCES["per"],
+                "condition_number": REFERENCES["condition_number"],
+                "norm_spectral": REFERENCES["norm_spectral"],
+            },
+        )
         ref_s = time.perf_counter() - start
         assert count == len(rows), (count, len(rows))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, d_model {args.run_d_model}, "
-              f"per + condition_number + spectral norm of weights and gradients ({len(rows)} values)")
+        print(
+            f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, d_model {args.run_d_model}, "
+            f"per + condition_number + spectral norm of weights and gradients ({len(rows)} values)"
+        )
         print(f"{'':<34}{'seconds':>10}{'ratio':>8}")
         print(f"{'pico.analysis.analyze (' + device + ')':<34}{pico_s:>10.2f}{ref_s / pico_s:>7.1f}x")
         print(f"{'reload-per-metric NumPy f64':<34}{ref_s:>10.2f}{1.0:>7.1f}x")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--features", type=int, nargs="+", default=[384, 1536])
     parser.add_argument("--weight", type=int, nargs=2, default=[1536, 6144])
-    parser.add_argument("--rbf-max-samples", type=int, default=4096, help="skip RBF CKA above this many samples")
+    parser.add_argument(
+        "--rbf-max-samples", type=int, default=4096, help="skip RBF CKA above this many samples"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--run-d-model", type=int, default=384)
     parser.add_argument("--run-layers", type=int, default=4)
     parser.add_argument("--run-samples", type=int, default=256)
     parser.add_argument("--run-every", type=int, default=100)
     parser.add_argument("--skip-analysis", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="small sizes: 1024 samples, 128/256 features, ...")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: 1024 samples, 128/256 features, ..."
+    )
     args = parser.parse_args()
     if args.quick:
         args.samples, args.features, args.weight = 1024, [128, 256], [256, 1024]
         args.run_d_model, args.run_layers, args.run_samples = 128, 2, 128
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}\n"
+    )
     metric_table(args)
     if not args.skip_analysis:
         analysis_table(args)

@@ -25,7 +25,9 @@ from pico.model.hf import llama_config, pico_to_llama_name  # noqa: E402
 def build_pair(config: PicoDecoderConfig, device: str) -> tuple[PicoDecoder, LlamaForCausalLM]:
     """A PicoDecoder and a LlamaForCausalLM holding identical weights."""
     pico = PicoDecoder(config)
-    fields = {k: v for k, v in llama_config(config).items() if k not in ("pico", "architectures", "model_type")}
+    fields = {
+        k: v for k, v in llama_config(config).items() if k not in ("pico", "architectures", "model_type")
+    }
     llama = LlamaForCausalLM(LlamaConfig(**fields, use_cache=False))
     llama.load_state_dict({pico_to_llama_name(k): v for k, v in pico.state_dict().items()})
     return pico.to(device), llama.to(device)
@@ -66,8 +68,10 @@ def bench_device(config: PicoDecoderConfig, args, device: str) -> list[tuple]:
                 times[name].append(time.perf_counter() - start)
     dtype = "bf16-autocast" if device == "cuda" else "fp32"
     tokens = args.batch_size * args.seq_len
-    rows = [(name, device, dtype, tokens / statistics.median(t), 1000 * statistics.median(t))
-            for name, t in times.items()]
+    rows = [
+        (name, device, dtype, tokens / statistics.median(t), 1000 * statistics.median(t))
+        for name, t in times.items()
+    ]
     print(f"[{device}] max |logits pico - logits hf| before training: {diff:.2e}")
     return rows
 
@@ -80,12 +84,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument(
+        "--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     args = parser.parse_args()
 
     config = PicoDecoderConfig.preset(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
-    print(f"preset={args.preset} vocab={args.vocab_size} batch={args.batch_size} seq={args.seq_len} "
-          f"steps={args.steps} (+{args.warmup} warm-up) threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(
+        f"preset={args.preset} vocab={args.vocab_size} batch={args.batch_size} seq={args.seq_len} "
+        f"steps={args.steps} (+{args.warmup} warm-up) threads={torch.get_num_threads()} torch={torch.__version__}"
+    )
     rows = [row for device in args.devices for row in bench_device(config, args, device)]
     print(f"\n{'impl':<10} {'device':<6} {'dtype':<14} {'tokens/s':>10} {'ms/step':>9}")
     for impl, device, dtype, tps, ms in rows:

@@ -25,8 +25,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 PICO_TRAIN = {"checkpoint step (tiny)": "7 m 42 s", "model state (tiny)": "151 MB"}
 MODELS = {  # name: (overrides, seq_len, vocab)
-    "demo": (["model.d_model=128", "model.n_layers=4", "model.attention_n_heads=4", "model.attention_n_kv_heads=2",
-              "model.activation_hidden_dim=512", "model.max_seq_len=256"], 256, 8192),
+    "demo": (
+        [
+            "model.d_model=128",
+            "model.n_layers=4",
+            "model.attention_n_heads=4",
+            "model.attention_n_kv_heads=2",
+            "model.activation_hidden_dim=512",
+            "model.max_seq_len=256",
+        ],
+        256,
+        8192,
+    ),
     "tiny": (["model.preset=tiny"], 512, 50304),
 }
 
@@ -35,7 +45,9 @@ def make_data(directory: Path, seq_len: int, vocab: int, rows: int = 512) -> Pat
     """Random pretokenized shards, enough rows for the run."""
     directory.mkdir(parents=True)
     ids = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len + 1), dtype=np.int32)
-    pq.write_table(pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}), directory / "d.parquet")
+    pq.write_table(
+        pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}), directory / "d.parquet"
+    )
     return directory
 
 
@@ -46,13 +58,30 @@ def run(model: str, strategy: str, nproc: int, steps: int, workdir: Path, batch:
     if not data.exists():
         make_data(data, seq_len, vocab)
     run_dir = workdir / f"{model}-{strategy}-{nproc}"
-    args = [*overrides, f"model.vocab_size={vocab}", f"data.path={data}", f"data.seq_len={seq_len}",
-            f"data.batch_size={batch}", f"data.micro_batch_size={micro}", f"training.max_steps={steps}",
-            "training.warmup_steps=1", f"training.strategy={strategy}", f"checkpointing.run_dir={run_dir}",
-            f"checkpointing.save_every={steps // 2}", f"learning_dynamics.eval_data={data}",
-            "learning_dynamics.eval_batch_size=8", f"evaluation.data={data}", "evaluation.batch_size=4",
-            "evaluation.max_batches=4", "logging.log_every=1"]
-    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
+    args = [
+        *overrides,
+        f"model.vocab_size={vocab}",
+        f"data.path={data}",
+        f"data.seq_len={seq_len}",
+        f"data.batch_size={batch}",
+        f"data.micro_batch_size={micro}",
+        f"training.max_steps={steps}",
+        "training.warmup_steps=1",
+        f"training.strategy={strategy}",
+        f"checkpointing.run_dir={run_dir}",
+        f"checkpointing.save_every={steps // 2}",
+        f"learning_dynamics.eval_data={data}",
+        "learning_dynamics.eval_batch_size=8",
+        f"evaluation.data={data}",
+        "evaluation.batch_size=4",
+        "evaluation.max_batches=4",
+        "logging.log_every=1",
+    ]
+    env = {
+        **os.environ,
+        "NPROC_PER_NODE": str(nproc),
+        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+    }
     cmd = (["./torchrun.sh"] if nproc > 1 else [sys.executable]) + ["recipes/pretrain.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -63,10 +92,16 @@ def run(model: str, strategy: str, nproc: int, steps: int, workdir: Path, batch:
     mfu = [e.value for e in acc.Scalars("train/mfu")] if "train/mfu" in acc.Tags()["scalars"] else []
     ckpt = [e.value for e in acc.Scalars("checkpoint/seconds")][1:]  # step 0 includes one-off start-up costs
     step_dir = run_dir / "checkpoints" / f"step_{steps}"
-    size = {p: sum(f.stat().st_size for f in (step_dir / p).rglob("*") if f.is_file())
-            for p in ("model", "state", "learning_dynamics")}
-    return {"tokens_per_s": statistics.median(tps), "mfu": statistics.median(mfu) if mfu else None,
-            "checkpoint_s": statistics.median(ckpt), **size}
+    size = {
+        p: sum(f.stat().st_size for f in (step_dir / p).rglob("*") if f.is_file())
+        for p in ("model", "state", "learning_dynamics")
+    }
+    return {
+        "tokens_per_s": statistics.median(tps),
+        "mfu": statistics.median(mfu) if mfu else None,
+        "checkpoint_s": statistics.median(ckpt),
+        **size,
+    }
 
 
 def main():
@@ -81,22 +116,35 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for strategy, nproc in (("single", 1), ("ddp", args.nproc), ("fsdp", args.nproc)):
-                r = run(model, "ddp" if strategy == "single" else strategy, nproc, args.steps, Path(tmp),
-                        args.batch, args.micro)
+                r = run(
+                    model,
+                    "ddp" if strategy == "single" else strategy,
+                    nproc,
+                    args.steps,
+                    Path(tmp),
+                    args.batch,
+                    args.micro,
+                )
                 rows.append((model, strategy, nproc, r))
-    print(f"{'model':<6} {'setup':<7} {'procs':>5} {'tokens/s':>10} {'vs single':>9} {'mfu':>6} "
-          f"{'ckpt step s':>11} {'model MB':>9} {'state MB':>9} {'dynamics MB':>11}")
+    print(
+        f"{'model':<6} {'setup':<7} {'procs':>5} {'tokens/s':>10} {'vs single':>9} {'mfu':>6} "
+        f"{'ckpt step s':>11} {'model MB':>9} {'state MB':>9} {'dynamics MB':>11}"
+    )
     for model, strategy, nproc, r in rows:
         base = next(x for m, s, _, x in rows if m == model and s == "single")["tokens_per_s"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"{model:<6} {strategy:<7} {nproc:>5} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / base:>8.2f}x "
-              f"{mfu:>6} {r['checkpoint_s']:>11.2f} {r['model'] / 1e6:>9.1f} {r['state'] / 1e6:>9.1f} "
-              f"{r['learning_dynamics'] / 1e6:>11.2f}")
+        print(
+            f"{model:<6} {strategy:<7} {nproc:>5} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / base:>8.2f}x "
+            f"{mfu:>6} {r['checkpoint_s']:>11.2f} {r['model'] / 1e6:>9.1f} {r['state'] / 1e6:>9.1f} "
+            f"{r['learning_dynamics'] / 1e6:>11.2f}"
+        )
     print("pico-train (published, tiny): " + "; ".join(f"{k} {v}" for k, v in PICO_TRAIN.items()))
     tiny = [r for m, s, _, r in rows if m == "tiny"]
     if tiny:
-        print(f"ratio: pico-train's tiny checkpoint step / ours (median over setups): "
-              f"{462 / statistics.median(r['checkpoint_s'] for r in tiny):,.0f}x")
+        print(
+            f"ratio: pico-train's tiny checkpoint step / ours (median over setups): "
+            f"{462 / statistics.median(r['checkpoint_s'] for r in tiny):,.0f}x"
+        )
 
 
 if __name__ == "__main__":

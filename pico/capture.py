@@ -38,8 +38,10 @@ def find_modules(model: nn.Module, layers) -> dict[str, nn.Module]:
             found[clean] = module  # pre-order: a wrapper's inner module comes later and wins
     for suffix in layers:
         if not any(module_matches(name, suffix) for name in found):
-            raise ValueError(f"learning_dynamics.layers: no module of {type(root).__name__} ends with {suffix!r} "
-                             f"(module names look like {next(iter(_leaf_names(root)), '<none>')!r})")
+            raise ValueError(
+                f"learning_dynamics.layers: no module of {type(root).__name__} ends with {suffix!r} "
+                f"(module names look like {next(iter(_leaf_names(root)), '<none>')!r})"
+            )
     return found
 
 
@@ -83,6 +85,7 @@ class Capture:
 
     def hook(self, name: str):
         """A forward hook that appends the module's detached output to `records[name]`."""
+
         def record(module, args, output):
             # Activation checkpointing re-runs forwards during backward; record the first run only
             # (same backward test as torch.utils.module_tracker and FSDP2).
@@ -90,10 +93,13 @@ class Capture:
                 return
             out = output.detach()  # (mb, T, out)
             if out.dim() != 3:
-                raise ValueError(f"capture expects module outputs of shape (batch, seq, features); "
-                                 f"{name} returned {tuple(out.shape)}")
+                raise ValueError(
+                    f"capture expects module outputs of shape (batch, seq, features); "
+                    f"{name} returned {tuple(out.shape)}"
+                )
             out = out[:, -1, :] if self.positions == "last" else out.reshape(-1, out.shape[-1])
             self.records[name].append(out.clone())  # (mb, out) or (mb·T, out)
+
         return record
 
     def activations(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -108,7 +114,8 @@ class Capture:
                 raise RuntimeError(
                     f"capture recorded no forward pass of {name}: run the model inside the `with capture(...)` "
                     "block; a torch.compile'd model ignores hooks added after compilation unless "
-                    "pico.capture.prepare_compile() ran before its first forward")
+                    "pico.capture.prepare_compile() ran before its first forward"
+                )
             result[name] = gather_rows(torch.cat(chunks).to(dtype)).cpu()
         return result
 
@@ -127,10 +134,13 @@ def _full_weights(modules: dict[str, nn.Module], dtype: torch.dtype, grad: bool)
         tensor = _weight(name, module)
         if grad:
             if tensor.grad is None:
-                raise RuntimeError(f"{name}.weight has no gradient: read gradients after backward() "
-                                   "and before zero_grad()")
+                raise RuntimeError(
+                    f"{name}.weight has no gradient: read gradients after backward() and before zero_grad()"
+                )
             tensor = tensor.grad
-        result[name] = full_tensor(tensor.detach()).to("cpu", dtype, copy=True)  # (out, in), never a live view
+        result[name] = full_tensor(tensor.detach()).to(
+            "cpu", dtype, copy=True
+        )  # (out, in), never a live view
     return result
 
 
@@ -155,8 +165,9 @@ def capture(model: nn.Module, layers=DEFAULT_LAYERS, positions: str = "last"):
             handle.remove()
 
 
-def capture_weights(model: nn.Module, layers=DEFAULT_LAYERS,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def capture_weights(
+    model: nn.Module, layers=DEFAULT_LAYERS, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Full weights `(out, in)` of the modules whose names end with one of `layers`, on CPU.
 
     A collective under FSDP2: call it on every rank.
@@ -171,5 +182,7 @@ def check_capture(model: nn.Module, ld, world_size: int) -> None:
         return
     find_modules(model, ld.layers)
     if ld.eval_data and ld.eval_batch_size % world_size:
-        raise ValueError(f"learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible by "
-                         f"the world size {world_size}")
+        raise ValueError(
+            f"learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible by "
+            f"the world size {world_size}"
+        )

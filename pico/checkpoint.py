@@ -11,9 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from pico.distributed import is_main, unwrap
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
@@ -32,9 +36,16 @@ class CheckpointStep:
     evals: dict | None = None
 
 
-def save_checkpoint(run_dir, ckpt: CheckpointStep, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    tokenizer: Path | None = None, export: bool = True, positions: str = "last",
-                    dtype: str = "float32") -> None:
+def save_checkpoint(
+    run_dir,
+    ckpt: CheckpointStep,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Path | None = None,
+    export: bool = True,
+    positions: str = "last",
+    dtype: str = "float32",
+) -> None:
     """Write `step_<N>/` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) atomically.
 
     A collective: every rank calls it. `latest` names the step only once all of it is on disk.
@@ -44,18 +55,26 @@ def save_checkpoint(run_dir, ckpt: CheckpointStep, model: torch.nn.Module, optim
         if export:
             export_model(path / MODEL, model, unwrap(model).config, tokenizer)
         if ckpt.dynamics or ckpt.weights:
-            write_learning_dynamics(path, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=positions,
-                                    dtype=dtype)
+            write_learning_dynamics(
+                path, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=positions, dtype=dtype
+            )
         if ckpt.evals is not None and is_main():
             (path / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
 
 
 def train_state(step: int, scheduler, stream) -> dict:
     """What resuming needs besides model and optimizer: the step, LR schedule, data position and RNG."""
-    return {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state()}
+    return {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "data": stream.state_dict(),
+        "rng": rng_state(),
+    }
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream) -> int:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream
+) -> int:
     """Restore model, optimizer, schedule, data position and RNG from `step_<N>/state`; returns N."""
     extra = load_train_state(Path(path) / STATE, model, optimizer, train_state(0, scheduler, stream))
     scheduler.load_state_dict(extra["scheduler"])
@@ -64,7 +83,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return extra["step"]
 
 
-def save_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+def save_train_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+) -> None:
     """Save model, optimizer and `extra` (scheduler, data position, RNG, step) with DCP; reshardable.
 
     Before the first update the optimizer has no state yet and none is saved: asking DCP for it would
@@ -76,7 +97,9 @@ def save_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> dict:
+def load_train_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+) -> dict:
     """Load a state saved by `save_train_state` into `model`/`optimizer` (any world size); return `extra`.
 
     `extra` is a template with the same keys as at save time (e.g. the freshly built objects' state dicts).

@@ -6,8 +6,8 @@ A component is evaluated at one layer of one checkpoint through a `source`, any 
 config.json). Register your own with `@register_component(name, modules=(...), per_head=...)`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -33,7 +33,9 @@ def register_component(name: str, *, modules, per_head: bool = False, data_types
 
     def decorator(fn):
         if name in COMPONENTS:
-            raise ValueError(f"component {name!r} is already registered (by {COMPONENTS[name].fn.__module__})")
+            raise ValueError(
+                f"component {name!r} is already registered (by {COMPONENTS[name].fn.__module__})"
+            )
         COMPONENTS[name] = Component(name, fn, tuple(modules), per_head, tuple(data_types))
         return fn
 
@@ -53,11 +55,15 @@ def _head_shapes(w_v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     d_model, inner = w_o.shape
     if inner % n_heads:
-        raise ValueError(f"w_o {tuple(w_o.shape)} has {inner} input features, not a multiple of n_heads={n_heads}")
+        raise ValueError(
+            f"w_o {tuple(w_o.shape)} has {inner} input features, not a multiple of n_heads={n_heads}"
+        )
     d_head = inner // n_heads
     if tuple(w_v.shape) != (n_kv_heads * d_head, d_model):
-        raise ValueError(f"w_v {tuple(w_v.shape)} does not match w_o {tuple(w_o.shape)}: expected "
-                         f"({n_kv_heads * d_head}, {d_model}) for n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+        raise ValueError(
+            f"w_v {tuple(w_v.shape)} does not match w_o {tuple(w_o.shape)}: expected "
+            f"({n_kv_heads * d_head}, {d_model}) for n_heads={n_heads}, n_kv_heads={n_kv_heads}"
+        )
     return d_model, d_head
 
 
@@ -68,7 +74,9 @@ def _w_o_heads(w_o: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
 def ov_circuit(w_v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
     """Per-head OV matrices W_O[:, h] @ W_V[g(h)] (Elhage et al. 2021), g(h) = h // (n_heads / n_kv_heads)."""
     d_model, d_head = _head_shapes(w_v, w_o, n_heads, n_kv_heads)
-    w_v = w_v.reshape(n_kv_heads, d_head, d_model).repeat_interleave(n_heads // n_kv_heads, dim=0)  # (H, d_head, D)
+    w_v = w_v.reshape(n_kv_heads, d_head, d_model).repeat_interleave(
+        n_heads // n_kv_heads, dim=0
+    )  # (H, d_head, D)
     return _w_o_heads(w_o, n_heads, d_head) @ w_v  # (H, D, D)
 
 
@@ -81,8 +89,10 @@ def ov_activations(v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads:
     """Value vectors v (N, n_kv*d_head) written through each head's W_O slice: (n_heads, N, d_model)."""
     n, d_head = v.shape[0], w_o.shape[1] // n_heads
     if n_heads % n_kv_heads or w_o.shape[1] % n_heads or v.shape[1] != n_kv_heads * d_head:
-        raise ValueError(f"v {tuple(v.shape)} and w_o {tuple(w_o.shape)} do not fit n_heads={n_heads}, "
-                         f"n_kv_heads={n_kv_heads}")
+        raise ValueError(
+            f"v {tuple(v.shape)} and w_o {tuple(w_o.shape)} do not fit n_heads={n_heads}, "
+            f"n_kv_heads={n_kv_heads}"
+        )
     v = v.reshape(n, n_kv_heads, d_head).repeat_interleave(n_heads // n_kv_heads, dim=1)  # (N, H, d_head)
     return torch.einsum("nhk,hdk->hnd", v, _w_o_heads(w_o, n_heads, d_head))  # (H, N, D)
 
@@ -106,5 +116,6 @@ def ov_component(source, layer: int, data_type: str) -> torch.Tensor:
     w_v = source.load("weights", v_name)
     if data_type == "weights":
         return ov_circuit(w_v, w_o, n_heads, n_kv_heads)
-    return ov_circuit_grad(w_v, w_o, source.load("gradients", v_name), source.load("gradients", o_name),
-                           n_heads, n_kv_heads)
+    return ov_circuit_grad(
+        w_v, w_o, source.load("gradients", v_name), source.load("gradients", o_name), n_heads, n_kv_heads
+    )

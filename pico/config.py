@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -24,9 +24,11 @@ class ConfigError(ValueError):
 # PicoDecoderConfig so that a new model field is one edit there.
 ModelConfig = dataclasses.make_dataclass(
     "ModelConfig",
-    [("preset", Optional[str], field(default="tiny"))]
-    + [(f.name, Optional[typing.get_type_hints(PicoDecoderConfig)[f.name]], field(default=None))
-       for f in dataclasses.fields(PicoDecoderConfig)],
+    [("preset", str | None, field(default="tiny"))]
+    + [
+        (f.name, typing.get_type_hints(PicoDecoderConfig)[f.name] | None, field(default=None))
+        for f in dataclasses.fields(PicoDecoderConfig)
+    ],
 )
 ModelConfig.__doc__ = "`preset` fills the PicoDecoderConfig fields; any field set here overrides the preset."
 
@@ -39,7 +41,7 @@ class DataConfig:
     seq_len: int = 2048
     batch_size: int = 1024
     micro_batch_size: int = 8
-    shuffle_seed: Optional[int] = None
+    shuffle_seed: int | None = None
     wrap: bool = False
     prefetch: int = 2
 
@@ -56,7 +58,7 @@ class TrainingConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    grad_clip: Optional[float] = 1.0
+    grad_clip: float | None = 1.0
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
     activation_checkpointing: bool = False
@@ -81,7 +83,7 @@ class LearningDynamicsConfig:
     enabled: bool = True
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS))
     positions: Literal["last", "all"] = "last"
-    eval_data: Optional[str] = None
+    eval_data: str | None = None
     eval_batch_size: int = 64
     metrics: list[str] = field(default_factory=list)
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -91,9 +93,9 @@ class LearningDynamicsConfig:
 class EvaluationConfig:
     """Perplexity on a pretokenized eval set at every checkpoint step."""
 
-    data: Optional[str] = None
+    data: str | None = None
     batch_size: int = 16
-    max_batches: Optional[int] = None
+    max_batches: int | None = None
 
 
 @dataclass
@@ -215,7 +217,9 @@ def load_tree(path: str | Path | None, overrides=(), depth: int = 2, default: di
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}"
+            )
     for override in overrides:
         _set_override(tree, override, depth)
     return tree
@@ -224,11 +228,15 @@ def load_tree(path: str | Path | None, overrides=(), depth: int = 2, default: di
 def _validate(cfg: Config) -> None:
     """Cross-field checks that need more than one key."""
     positive = {
-        "data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size,
-        "data.micro_batch_size": cfg.data.micro_batch_size, "training.max_steps": cfg.training.max_steps,
-        "checkpointing.save_every": cfg.checkpointing.save_every, "logging.log_every": cfg.logging.log_every,
+        "data.seq_len": cfg.data.seq_len,
+        "data.batch_size": cfg.data.batch_size,
+        "data.micro_batch_size": cfg.data.micro_batch_size,
+        "training.max_steps": cfg.training.max_steps,
+        "checkpointing.save_every": cfg.checkpointing.save_every,
+        "logging.log_every": cfg.logging.log_every,
         "learning_dynamics.eval_batch_size": cfg.learning_dynamics.eval_batch_size,
-        "evaluation.batch_size": cfg.evaluation.batch_size, "training.lr": cfg.training.lr,
+        "evaluation.batch_size": cfg.evaluation.batch_size,
+        "training.lr": cfg.training.lr,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -236,8 +244,10 @@ def _validate(cfg: Config) -> None:
     if cfg.training.warmup_steps < 0:
         raise ConfigError(f"training.warmup_steps: must be >= 0, got {cfg.training.warmup_steps}")
     if cfg.data.batch_size % cfg.data.micro_batch_size:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not a multiple of "
-                          f"data.micro_batch_size={cfg.data.micro_batch_size}")
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is not a multiple of "
+            f"data.micro_batch_size={cfg.data.micro_batch_size}"
+        )
     if len(cfg.training.betas) != 2 or not all(0 <= b < 1 for b in cfg.training.betas):
         raise ConfigError(f"training.betas: expected two values in [0, 1), got {cfg.training.betas}")
     if not 0 <= cfg.training.min_lr_ratio <= 1:
@@ -253,11 +263,15 @@ def _validate(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"learning_dynamics.metrics: {e}") from None
         if comparative:
-            raise ConfigError(f"learning_dynamics.metrics: {name!r} compares two tensors; in-situ metrics take "
-                              "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
-                              "pico.analysis")
+            raise ConfigError(
+                f"learning_dynamics.metrics: {name!r} compares two tensors; in-situ metrics take "
+                "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
+                "pico.analysis"
+            )
     if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
-        raise ConfigError("learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing")
+        raise ConfigError(
+            "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

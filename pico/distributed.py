@@ -57,8 +57,11 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), device_id=
-                                device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
     return DistInfo(rank, world_size, device)
 
 
@@ -71,9 +74,15 @@ def resolve_strategy(strategy: str, world_size: int, device: torch.device) -> st
     return strategy
 
 
-def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device,
-                precision: str = "fp32", activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    strategy: str,
+    world_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
     """Apply activation checkpointing, per-block compile, then DDP or FSDP2 (per block, then root).
 
     `model` must have its weights materialised on `device` and expose its blocks as `model.layers`.

@@ -19,7 +19,11 @@ from pico.distributed import is_main, world_size
 from pico.run_dir import SPLITS, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}  # name -> torch dtype
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}  # name -> torch dtype
 STORED_DTYPES = ("float32", "bfloat16")  # what learning_dynamics.dtype may store
 
 
@@ -35,14 +39,18 @@ class SplitDynamics:
         """Raise a one-line ValueError naming the tensor whose shape does not fit the format."""
         ids = self.input_ids
         if ids.dim() != 2 or ids.is_floating_point():
-            raise ValueError(f"{split} input_ids must be an integer tensor (N, T+1) or (N, T), "
-                             f"got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(
+                f"{split} input_ids must be an integer tensor (N, T+1) or (N, T), "
+                f"got {ids.dtype} {tuple(ids.shape)}"
+            )
         n, length = ids.shape
         allowed = {n} if positions == "last" else {n * length, n * (length - 1)}
         for name, t in self.activations.items():
             if t.dim() != 2 or t.shape[0] not in allowed:
-                raise ValueError(f"activations.{name} has shape {tuple(t.shape)}; with input_ids {tuple(ids.shape)} "
-                                 f"and positions={positions!r} it needs {sorted(allowed)} rows")
+                raise ValueError(
+                    f"activations.{name} has shape {tuple(t.shape)}; with input_ids {tuple(ids.shape)} "
+                    f"and positions={positions!r} it needs {sorted(allowed)} rows"
+                )
         check_matrices("gradients", self.gradients)
 
 
@@ -53,8 +61,15 @@ def check_matrices(data_type: str, tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{data_type}.{name} must be (out_features, in_features), got {tuple(t.shape)}")
 
 
-def write_learning_dynamics(step_path, splits: dict[str, SplitDynamics], weights: dict[str, torch.Tensor] | None,
-                            *, step: int, positions: str = "last", dtype: str = "float32") -> list[Path]:
+def write_learning_dynamics(
+    step_path,
+    splits: dict[str, SplitDynamics],
+    weights: dict[str, torch.Tensor] | None,
+    *,
+    step: int,
+    positions: str = "last",
+    dtype: str = "float32",
+) -> list[Path]:
     """Write `<split>.safetensors` per split and `weights.safetensors` into `step_path/learning_dynamics/`.
 
     Float tensors are stored as `dtype` ("float32" or "bfloat16"), input_ids as int32; the metadata records
@@ -77,18 +92,28 @@ def write_learning_dynamics(step_path, splits: dict[str, SplitDynamics], weights
 
     files = {}
     for split, captured in splits.items():
-        files[split] = {tensor_key(kind, name): stored(t) for kind, tensors in
-                        (("activations", captured.activations), ("gradients", captured.gradients))
-                        for name, t in tensors.items()}
-        files[split]["input_ids"] = captured.input_ids.detach().to("cpu", torch.int32).contiguous()  # (N, T+1)
+        files[split] = {
+            tensor_key(kind, name): stored(t)
+            for kind, tensors in (("activations", captured.activations), ("gradients", captured.gradients))
+            for name, t in tensors.items()
+        }
+        files[split]["input_ids"] = (
+            captured.input_ids.detach().to("cpu", torch.int32).contiguous()
+        )  # (N, T+1)
     if weights:
         files["weights"] = {tensor_key("weights", name): stored(t) for name, t in weights.items()}
     paths = []
     for name, data in files.items():  # metadata "split" is the file's name: train, eval or weights
         path = dynamics_file(step_path, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"step": str(step), "split": name, "positions": positions, "dtype": dtype,
-                    "world_size": str(world_size()), "pico_version": pico.__version__}
+        metadata = {
+            "step": str(step),
+            "split": name,
+            "positions": positions,
+            "dtype": dtype,
+            "world_size": str(world_size()),
+            "pico_version": pico.__version__,
+        }
         save_file(data, path, metadata=metadata)
         paths.append(path)
     return paths

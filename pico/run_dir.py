@@ -26,7 +26,10 @@ STATE = "state"
 DYNAMICS = "learning_dynamics"
 EVAL = "eval.json"
 ANALYSIS = "analysis"
-SPLITS = ("train", "eval")  # learning-dynamics files of captured passes; weights.safetensors holds the weights
+SPLITS = (
+    "train",
+    "eval",
+)  # learning-dynamics files of captured passes; weights.safetensors holds the weights
 DATA_TYPES = ("activations", "gradients", "weights")
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 _STEP = re.compile(r"step_(\d+)")
@@ -78,8 +81,9 @@ def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         raise ValueError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
-    steps = sorted(int(m.group(1)) for p in root.iterdir()
-                   if (m := _STEP.fullmatch(p.name)) and (p / require).exists())
+    steps = sorted(
+        int(m.group(1)) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and (p / require).exists()
+    )
     if not steps:
         raise ValueError(f"{root}: no step_<N>/{require} folders")
     return steps
@@ -104,7 +108,9 @@ def resolve_resume(run_dir, resume: str) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / STATE).is_dir():
-        raise FileNotFoundError(f"checkpointing.resume: {path} is not a checkpoint directory (no {STATE}/ inside)")
+        raise FileNotFoundError(
+            f"checkpointing.resume: {path} is not a checkpoint directory (no {STATE}/ inside)"
+        )
     return path
 
 

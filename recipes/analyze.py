@@ -17,11 +17,19 @@ from pico.analysis import analyze, load_spec, save
 
 def main(argv=None):
     """Parse the command line, run the analysis, write its outputs; exit 2 on bad input."""
-    parser = argparse.ArgumentParser(description="Metrics × components × checkpoints of pico run directories.")
-    parser.add_argument("--run", action="append", required=True, metavar="DIR", help="run directory (repeatable)")
-    parser.add_argument("--config", metavar="FILE", help="analysis spec (YAML); default: the default analysis")
+    parser = argparse.ArgumentParser(
+        description="Metrics × components × checkpoints of pico run directories."
+    )
+    parser.add_argument(
+        "--run", action="append", required=True, metavar="DIR", help="run directory (repeatable)"
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="analysis spec (YAML); default: the default analysis"
+    )
     parser.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. steps=[0,1000]")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. steps=[0,1000]"
+    )
     args = parser.parse_args(argv)
 
     try:

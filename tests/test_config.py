@@ -13,11 +13,21 @@ def write(tmp_path, text):
 
 def test_defaults_and_yaml_and_typed_overrides(tmp_path):
     path = write(tmp_path, "model:\n  preset: small\ndata:\n  seq_len: 128\ntraining:\n  lr: 3e-4\n")
-    cfg = load_config(path, ["training.max_steps=7", "training.betas=[0.8, 0.9]", "data.wrap=true",
-                             "learning_dynamics.layers=[attention.q_proj]", "model.vocab_size=1000",
-                             "training.grad_clip=null"])
+    cfg = load_config(
+        path,
+        [
+            "training.max_steps=7",
+            "training.betas=[0.8, 0.9]",
+            "data.wrap=true",
+            "learning_dynamics.layers=[attention.q_proj]",
+            "model.vocab_size=1000",
+            "training.grad_clip=null",
+        ],
+    )
     assert cfg.model.preset == "small" and cfg.data.seq_len == 128
-    assert cfg.training.lr == pytest.approx(3e-4) and isinstance(cfg.training.lr, float)  # YAML reads 3e-4 as str
+    assert cfg.training.lr == pytest.approx(3e-4) and isinstance(
+        cfg.training.lr, float
+    )  # YAML reads 3e-4 as str
     assert cfg.training.max_steps == 7 and cfg.training.betas == [0.8, 0.9] and cfg.data.wrap is True
     assert cfg.learning_dynamics.layers == ["attention.q_proj"] and cfg.training.grad_clip is None
     model = cfg.model_config()
@@ -32,26 +42,34 @@ def test_round_trip_through_yaml(tmp_path):
     assert isinstance(cfg, Config)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["training.lrr=1"], "training.lrr: unknown key"),
-    (["nonsense.x=1"], "nonsense: unknown key"),
-    (["training.max_steps=1.5"], "training.max_steps: expected int"),
-    (["training.max_steps=true"], "training.max_steps: expected int"),
-    (["data.wrap=3"], "data.wrap: expected bool"),
-    (["training.strategy=zero3"], "training.strategy: 'zero3' is not one of"),
-    (["training.betas=[0.9, x]"], "training.betas[1]: expected float"),
-    (["data.batch_size=10", "data.micro_batch_size=4"], "data.batch_size: 10 is not a multiple"),
-    (["model.d_model=100"], "model.d_model=100 is not divisible by model.attention_n_heads"),
-    (["model.attention_n_kv_heads=5"], "model.attention_n_heads=12 is not divisible by model.attention_n_kv_heads"),
-    (["model.preset=huge"], "model.preset='huge' is unknown"),
-    (["data.seq_len=4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
-    (["training.max_steps=0"], "training.max_steps: must be positive"),
-    (["training.lr"], "training.lr: overrides look like section.key=value"),
-    (["lr=1"], "lr=1: overrides look like section.key=value"),
-    (["learning_dynamics.layers=[]"], "learning_dynamics.layers: empty"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["training.lrr=1"], "training.lrr: unknown key"),
+        (["nonsense.x=1"], "nonsense: unknown key"),
+        (["training.max_steps=1.5"], "training.max_steps: expected int"),
+        (["training.max_steps=true"], "training.max_steps: expected int"),
+        (["data.wrap=3"], "data.wrap: expected bool"),
+        (["training.strategy=zero3"], "training.strategy: 'zero3' is not one of"),
+        (["training.betas=[0.9, x]"], "training.betas[1]: expected float"),
+        (["data.batch_size=10", "data.micro_batch_size=4"], "data.batch_size: 10 is not a multiple"),
+        (["model.d_model=100"], "model.d_model=100 is not divisible by model.attention_n_heads"),
+        (
+            ["model.attention_n_kv_heads=5"],
+            "model.attention_n_heads=12 is not divisible by model.attention_n_kv_heads",
+        ),
+        (["model.preset=huge"], "model.preset='huge' is unknown"),
+        (["data.seq_len=4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
+        (["training.max_steps=0"], "training.max_steps: must be positive"),
+        (["training.lr"], "training.lr: overrides look like section.key=value"),
+        (["lr=1"], "lr=1: overrides look like section.key=value"),
+        (["learning_dynamics.layers=[]"], "learning_dynamics.layers: empty"),
+    ],
+)
 def test_errors_name_the_key(overrides, key):
-    with pytest.raises(ConfigError, match="^" + key.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError, match="^" + key.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")
+    ):
         load_config(None, overrides)
 
 
@@ -82,10 +100,13 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_config(path, ["training.lr=1e-3"])
 
 
-@pytest.mark.parametrize("metrics, message", [
-    ("[nope]", "learning_dynamics.metrics: unknown metric 'nope'"),
-    ("[per, cka]", "learning_dynamics.metrics: 'cka' compares two tensors"),
-])
+@pytest.mark.parametrize(
+    "metrics, message",
+    [
+        ("[nope]", "learning_dynamics.metrics: unknown metric 'nope'"),
+        ("[per, cka]", "learning_dynamics.metrics: 'cka' compares two tensors"),
+    ],
+)
 def test_in_situ_metrics_are_checked_at_load_time(metrics, message):
     with pytest.raises(ConfigError, match="^" + message):
         load_config(None, [f"learning_dynamics.metrics={metrics}"])

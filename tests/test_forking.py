@@ -17,20 +17,41 @@ def test_forking_walkthrough_runs(tmp_path):
     assert len(blocks) == 3, "fork, train, compare"
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
-    train, evals = write_shards(tmp_path / "train", 96, seed=1), write_shards(tmp_path / "eval", 8, seed=2, files=1)
-    overrides = [*MODEL, f"data.path={train}", f"data.seq_len={SEQ}", "data.batch_size=8", "data.micro_batch_size=2",
-                 "training.max_steps=4", "training.warmup_steps=1", "checkpointing.save_every=2",
-                 f"learning_dynamics.eval_data={evals}", "learning_dynamics.eval_batch_size=8",
-                 f"evaluation.data={evals}", "evaluation.batch_size=4"]
+    train, evals = (
+        write_shards(tmp_path / "train", 96, seed=1),
+        write_shards(tmp_path / "eval", 8, seed=2, files=1),
+    )
+    overrides = [
+        *MODEL,
+        f"data.path={train}",
+        f"data.seq_len={SEQ}",
+        "data.batch_size=8",
+        "data.micro_batch_size=2",
+        "training.max_steps=4",
+        "training.warmup_steps=1",
+        "checkpointing.save_every=2",
+        f"learning_dynamics.eval_data={evals}",
+        "learning_dynamics.eval_batch_size=8",
+        f"evaluation.data={evals}",
+        "evaluation.batch_size=4",
+    ]
     env = {**os.environ, "OVERRIDES": " ".join(overrides), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
     for block in blocks:
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, f"{block}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     fork = (repo / "recipes" / "pretrain_layernorm.py").read_text()
     assert fork.count("torch.nn.LayerNorm") == 3
-    shown = re.search(r"^```python\n(def build_model.*?)^```$", (ROOT / "docs" / "forking.md").read_text(), re.S | re.M)
+    shown = re.search(
+        r"^```python\n(def build_model.*?)^```$", (ROOT / "docs" / "forking.md").read_text(), re.S | re.M
+    )
     assert shown[1] in fork  # the function the walkthrough shows is the one the edit produced
     from safetensors.torch import load_file  # the two variants trained different weights
 
@@ -38,7 +59,9 @@ def test_forking_walkthrough_runs(tmp_path):
     a = load_file(repo / "runs" / "rmsnorm" / step_4 / "learning_dynamics" / "weights.safetensors")
     b = load_file(repo / "runs" / "layernorm" / step_4 / "learning_dynamics" / "weights.safetensors")
     assert not all((a[k] == b[k]).all() for k in a)
-    assert (repo / "runs" / "rmsnorm" / step_4 / "model").is_dir()  # the LayerNorm variant has no Llama export
+    assert (
+        repo / "runs" / "rmsnorm" / step_4 / "model"
+    ).is_dir()  # the LayerNorm variant has no Llama export
     assert not (repo / "runs" / "layernorm" / step_4 / "model").exists()
     rows = list(csv.DictReader(open(repo / "runs" / "layernorm" / "analysis" / "norms" / "metrics.csv")))
     assert {r["metric"] for r in rows} == {"cka@rmsnorm"}

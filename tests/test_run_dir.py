@@ -2,13 +2,27 @@
 
 import pytest
 
-from pico.run_dir import (LATEST, checkpoints_dir, dynamics_file, latest_checkpoint, list_steps, module_matches,
-                          parse_key, resolve_resume, step_dir, step_writer, tensor_key)
+from pico.run_dir import (
+    LATEST,
+    checkpoints_dir,
+    dynamics_file,
+    latest_checkpoint,
+    list_steps,
+    module_matches,
+    parse_key,
+    resolve_resume,
+    step_dir,
+    step_writer,
+    tensor_key,
+)
 
 
 def test_layout_and_keys(tmp_path):
     assert step_dir(tmp_path, 30) == tmp_path / "checkpoints" / "step_30"
-    assert dynamics_file(step_dir(tmp_path, 30), "eval") == tmp_path / "checkpoints/step_30/learning_dynamics/eval.safetensors"
+    assert (
+        dynamics_file(step_dir(tmp_path, 30), "eval")
+        == tmp_path / "checkpoints/step_30/learning_dynamics/eval.safetensors"
+    )
     key = tensor_key("gradients", "layers.3.attention.v_proj")
     assert key == "gradients.layers.3.attention.v_proj"
     assert parse_key(key) == ("gradients", "layers.3.attention.v_proj")

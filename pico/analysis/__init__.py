@@ -13,9 +13,40 @@ from pico.analysis.checkpoints import Checkpoint
 from pico.analysis.compute import Row, analyze, run_names
 from pico.analysis.in_situ import in_situ_scalars
 from pico.analysis.output import COLUMNS, plot_rows, read_csv, save, scalar_tag, write_csv, write_tensorboard
-from pico.analysis.spec import (COMPARE, DEFAULT_SPEC, DTYPES, SPLITS, AnalysisSpec, ComponentSpec, MetricSpec,
-                                SpecError, load_spec, parse_spec)
+from pico.analysis.spec import (
+    COMPARE,
+    DEFAULT_SPEC,
+    DTYPES,
+    SPLITS,
+    AnalysisSpec,
+    ComponentSpec,
+    MetricSpec,
+    SpecError,
+    load_spec,
+    parse_spec,
+)
 
-__all__ = ["AnalysisSpec", "COLUMNS", "COMPARE", "Checkpoint", "ComponentSpec", "DEFAULT_SPEC", "DTYPES",
-           "MetricSpec", "Row", "SPLITS", "SpecError", "analyze", "in_situ_scalars", "load_spec", "parse_spec",
-           "plot_rows", "read_csv", "run_names", "save", "scalar_tag", "write_csv", "write_tensorboard"]
+__all__ = [
+    "AnalysisSpec",
+    "COLUMNS",
+    "COMPARE",
+    "Checkpoint",
+    "ComponentSpec",
+    "DEFAULT_SPEC",
+    "DTYPES",
+    "MetricSpec",
+    "Row",
+    "SPLITS",
+    "SpecError",
+    "analyze",
+    "in_situ_scalars",
+    "load_spec",
+    "parse_spec",
+    "plot_rows",
+    "read_csv",
+    "run_names",
+    "save",
+    "scalar_tag",
+    "write_csv",
+    "write_tensorboard",
+]

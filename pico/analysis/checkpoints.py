@@ -42,7 +42,9 @@ class Checkpoint:
         """The split's input_ids, or None when the file has none."""
         if (split, "input_ids") not in self._tensors:
             handle = self._file(split)
-            self._tensors[split, "input_ids"] = handle.get_tensor("input_ids") if "input_ids" in handle.keys() else None
+            self._tensors[split, "input_ids"] = (
+                handle.get_tensor("input_ids") if "input_ids" in handle.keys() else None
+            )
         return self._tensors[split, "input_ids"]
 
     @property

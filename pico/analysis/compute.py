@@ -8,7 +8,15 @@ from typing import NamedTuple
 import torch
 
 from pico.analysis.checkpoints import Checkpoint
-from pico.analysis.spec import DEFAULT_SPEC, DTYPES, AnalysisSpec, ComponentSpec, MetricSpec, SpecError, parse_spec
+from pico.analysis.spec import (
+    DEFAULT_SPEC,
+    DTYPES,
+    AnalysisSpec,
+    ComponentSpec,
+    MetricSpec,
+    SpecError,
+    parse_spec,
+)
 from pico.components import COMPONENTS
 from pico.metrics import get_metric
 from pico.run_dir import list_steps, module_matches
@@ -48,19 +56,33 @@ def _tasks(spec: AnalysisSpec) -> list[_Task]:
         metric = get_metric(m.name)
         data_types = m.data_types or tuple(d for d in spec.data_types if d in metric.data_types)
         if not data_types:
-            raise SpecError(f"metrics[{i}]: {m.name} suits {', '.join(metric.data_types)}, none of data_types "
-                            f"{list(spec.data_types)}; give it its own data_types")
+            raise SpecError(
+                f"metrics[{i}]: {m.name} suits {', '.join(metric.data_types)}, none of data_types "
+                f"{list(spec.data_types)}; give it its own data_types"
+            )
         compare, splits = m.compare or spec.compare, m.splits or spec.splits
         if metric.comparative and compare == "steps":
             if m.splits and "train" in m.splits:
-                raise SpecError(f"metrics[{i}].splits: {m.name} compares steps, and the train split holds a "
-                                "different batch at every step; use splits: [eval]")
+                raise SpecError(
+                    f"metrics[{i}].splits: {m.name} compares steps, and the train split holds a "
+                    "different batch at every step; use splits: [eval]"
+                )
             splits = tuple(s for s in splits if s != "train")
             if not splits and "weights" not in data_types:
-                raise SpecError(f"metrics[{i}]: {m.name} compares steps, which needs the eval split; "
-                                "give it splits: [eval]")
-        tasks.append(_Task(m, data_types, splits, m.components or spec.components, compare,
-                           m.target_step if m.target_step is not None else spec.target_step))
+                raise SpecError(
+                    f"metrics[{i}]: {m.name} compares steps, which needs the eval split; "
+                    "give it splits: [eval]"
+                )
+        tasks.append(
+            _Task(
+                m,
+                data_types,
+                splits,
+                m.components or spec.components,
+                compare,
+                m.target_step if m.target_step is not None else spec.target_step,
+            )
+        )
     return tasks
 
 
@@ -77,20 +99,28 @@ def _selections(ckpt: Checkpoint, comp: ComponentSpec, data_type: str, split: st
     """(layer, module) pairs for a simple component, (layer, None) for a compound one, sorted by layer."""
     if comp.name in COMPONENTS:
         weights = set(ckpt.modules("weights", None))
-        found = sorted(int(m.group(1)) for module in weights if (m := _LAYER.match(module))
-                       and all(f"layers.{m.group(1)}.{s}" in weights for s in COMPONENTS[comp.name].modules))
+        found = sorted(
+            int(m.group(1))
+            for module in weights
+            if (m := _LAYER.match(module))
+            and all(f"layers.{m.group(1)}.{s}" in weights for s in COMPONENTS[comp.name].modules)
+        )
         pairs = [(layer, None) for layer in dict.fromkeys(found)]
     else:
-        pairs = sorted(((_layer(m), m) for m in ckpt.modules(data_type, split) if module_matches(m, comp.name)),
-                       key=lambda p: -1 if p[0] is None else p[0])
+        pairs = sorted(
+            ((_layer(m), m) for m in ckpt.modules(data_type, split) if module_matches(m, comp.name)),
+            key=lambda p: -1 if p[0] is None else p[0],
+        )
     if not pairs:
         raise ValueError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
     if comp.layers is None:
         return pairs
     missing = set(comp.layers) - {layer for layer, _ in pairs}
     if missing:
-        raise ValueError(f"{ckpt.dir}: component {comp.name!r} has no layer {min(missing)} "
-                         f"(captured layers: {[layer for layer, _ in pairs]})")
+        raise ValueError(
+            f"{ckpt.dir}: component {comp.name!r} has no layer {min(missing)} "
+            f"(captured layers: {[layer for layer, _ in pairs]})"
+        )
     return [p for p in pairs if p[0] in comp.layers]
 
 
@@ -114,10 +144,13 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
             if ref is not None and split is not None:
                 ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
                 if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
-                    raise ValueError(f"{task.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
-                                     "so their activations describe different samples")
-            components = task.components or [ComponentSpec(s) for s in
-                                              dict.fromkeys(_suffix(m) for m in ckpt.modules(data_type, split))]
+                    raise ValueError(
+                        f"{task.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
+                        "so their activations describe different samples"
+                    )
+            components = task.components or [
+                ComponentSpec(s) for s in dict.fromkeys(_suffix(m) for m in ckpt.modules(data_type, split))
+            ]
             for comp in components:
                 compound = COMPONENTS.get(comp.name)
                 if compound is not None and data_type not in compound.data_types:
@@ -128,13 +161,23 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
                     heads = range(x.shape[0]) if compound and compound.per_head else [None]
                     for head in heads:
                         try:
-                            value = _measure(metric, params, ckpt.dtype, x if head is None else x[head],
-                                             None if y is None else (y if head is None else y[head]))
+                            value = _measure(
+                                metric,
+                                params,
+                                ckpt.dtype,
+                                x if head is None else x[head],
+                                None if y is None else (y if head is None else y[head]),
+                            )
                         except ValueError as e:
-                            where = " ".join(str(p) for p in (ckpt.dir, split, data_type, module or comp.name)
-                                             if p is not None)
+                            where = " ".join(
+                                str(p)
+                                for p in (ckpt.dir, split, data_type, module or comp.name)
+                                if p is not None
+                            )
                             raise ValueError(f"{where}: {e}") from None
-                        rows.append(Row(run, ckpt.step, split, data_type, comp.name, layer, head, label, value))
+                        rows.append(
+                            Row(run, ckpt.step, split, data_type, comp.name, layer, head, label, value)
+                        )
     return rows
 
 
@@ -180,8 +223,9 @@ def _target_steps(tasks: list[_Task], runs: list[Path], available: dict) -> dict
             for run in runs:
                 target = available[run][-1] if task.target_step == "last" else task.target_step
                 if target not in available[run]:
-                    raise ValueError(f"{run}: target_step {target} has no learning_dynamics "
-                                     f"(steps: {available[run]})")
+                    raise ValueError(
+                        f"{run}: target_step {target} has no learning_dynamics (steps: {available[run]})"
+                    )
                 targets[i, run] = target
     return targets
 
@@ -208,7 +252,9 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
 
     rows = []
     steps = sorted(set().union(*selected.values()))
-    with tqdm(total=sum(map(len, selected.values())), desc="analysis", unit="ckpt", disable=not progress) as bar:
+    with tqdm(
+        total=sum(map(len, selected.values())), desc="analysis", unit="ckpt", disable=not progress
+    ) as bar:
         for step in steps:
             ckpts = {run: checkpoint(run, step) for run in runs if step in selected[run]}
             for run, ckpt in ckpts.items():

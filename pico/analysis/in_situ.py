@@ -6,8 +6,9 @@ from pico.learning_dynamics import SplitDynamics
 from pico.metrics import get_metric
 
 
-def in_situ_scalars(dynamics: dict[str, SplitDynamics], weights: dict[str, torch.Tensor] | None,
-                    metrics: list[str]) -> dict[str, float]:
+def in_situ_scalars(
+    dynamics: dict[str, SplitDynamics], weights: dict[str, torch.Tensor] | None, metrics: list[str]
+) -> dict[str, float]:
     """Each single-input metric on each captured tensor of the data types it suits (its
     `register_metric(data_types=...)`), tagged `dynamics/<metric>/<split>/<data_type>/<module>`.
 
@@ -16,9 +17,11 @@ def in_situ_scalars(dynamics: dict[str, SplitDynamics], weights: dict[str, torch
     chosen = [get_metric(name) for name in metrics]
     for metric in chosen:
         if metric.comparative:
-            raise ValueError(f"learning_dynamics.metrics: {metric.name!r} compares two tensors; in-situ metrics "
-                             "take one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints "
-                             "with pico.analysis")
+            raise ValueError(
+                f"learning_dynamics.metrics: {metric.name!r} compares two tensors; in-situ metrics "
+                "take one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints "
+                "with pico.analysis"
+            )
     tensors = {(split, "activations"): d.activations for split, d in dynamics.items()}
     tensors.update({(split, "gradients"): d.gradients for split, d in dynamics.items()})
     tensors["train", "weights"] = weights or {}

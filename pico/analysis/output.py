@@ -28,19 +28,37 @@ def write_csv(rows, path) -> Path:
 
 def read_csv(path) -> list[Row]:
     """Rows back from a metrics.csv written by `write_csv`."""
+
     def opt(v, cast):
         return None if v == "" else cast(v)
 
     with open(path, newline="") as f:
-        return [Row(r["run"], int(r["step"]), opt(r["split"], str), r["data_type"], r["component"],
-                    opt(r["layer"], int), opt(r["head"], int), r["metric"], float(r["value"]))
-                for r in csv.DictReader(f)]
+        return [
+            Row(
+                r["run"],
+                int(r["step"]),
+                opt(r["split"], str),
+                r["data_type"],
+                r["component"],
+                opt(r["layer"], int),
+                opt(r["head"], int),
+                r["metric"],
+                float(r["value"]),
+            )
+            for r in csv.DictReader(f)
+        ]
 
 
 def scalar_tag(row: Row) -> str:
     """Tensorboard tag `<metric>/<data_type>[/<split>]/<component>[/layer_<l>][/head_<h>]`."""
-    parts = [row.metric, row.data_type, row.split, row.component,
-             None if row.layer is None else f"layer_{row.layer}", None if row.head is None else f"head_{row.head}"]
+    parts = [
+        row.metric,
+        row.data_type,
+        row.split,
+        row.component,
+        None if row.layer is None else f"layer_{row.layer}",
+        None if row.head is None else f"head_{row.head}",
+    ]
     return "/".join(p for p in parts if p is not None)
 
 
@@ -70,7 +88,7 @@ def plot_rows(rows, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (run, metric, data_type, component, split), group in sorted(groups.items(), key=str):
+    for (_run, metric, data_type, component, split), group in sorted(groups.items(), key=str):
         fig = Figure(figsize=(5.8, 3.4), dpi=150)
         ax = fig.add_subplot()
         layers = sorted({r.layer for r in group}, key=lambda layer: -1 if layer is None else layer)
@@ -85,11 +103,24 @@ def plot_rows(rows, out_dir) -> list[Path]:
             hidden += sum(int((~np.isfinite(v)).sum()) for v in values)
             finite = [v[np.isfinite(v)] for v in values]
             color = colormaps["viridis"](0.85 * i / max(len(layers) - 1, 1))  # dark blue to green
-            ax.plot(steps, [f.mean() if f.size else np.nan for f in finite], marker="o", markersize=3,
-                    linewidth=1.5, color=color, label=component if layer is None else f"layer {layer}")
+            ax.plot(
+                steps,
+                [f.mean() if f.size else np.nan for f in finite],
+                marker="o",
+                markersize=3,
+                linewidth=1.5,
+                color=color,
+                label=component if layer is None else f"layer {layer}",
+            )
             if heads > 1:
-                ax.fill_between(steps, [f.min() if f.size else np.nan for f in finite],
-                                [f.max() if f.size else np.nan for f in finite], color=color, alpha=0.2, lw=0)
+                ax.fill_between(
+                    steps,
+                    [f.min() if f.size else np.nan for f in finite],
+                    [f.max() if f.size else np.nan for f in finite],
+                    color=color,
+                    alpha=0.2,
+                    lw=0,
+                )
         notes = [f"mean of {heads} heads, band min to max"] if heads > 1 else []
         notes += [f"{hidden} non-finite values not shown"] if hidden else []
         title = f"{component} · {data_type}" + (f" ({split})" if split else "")
@@ -99,7 +130,9 @@ def plot_rows(rows, out_dir) -> list[Path]:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=7, frameon=False, ncol=1 + len(layers) // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(
+            fontsize=7, frameon=False, ncol=1 + len(layers) // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+        )
         fig.tight_layout()
         stem = "__".join([metric, data_type, split or "weights", component])
         path = out_dir / (re.sub(r"[^\w.@=-]+", "_", stem) + ".png")

@@ -14,7 +14,11 @@ from pico.metrics import get_metric
 from pico.run_dir import DATA_TYPES, SPLITS
 
 COMPARE = ("steps", "runs")
-DTYPES = {"auto": None, "float32": TORCH_DTYPES["float32"], "float64": TORCH_DTYPES["float64"]}  # compute dtypes
+DTYPES = {
+    "auto": None,
+    "float32": TORCH_DTYPES["float32"],
+    "float64": TORCH_DTYPES["float64"],
+}  # compute dtypes
 
 # The analysis `python recipes/analyze.py --run DIR` runs; recipes/configs/analyze.yaml spells out the same.
 DEFAULT_SPEC = {
@@ -22,15 +26,30 @@ DEFAULT_SPEC = {
     "steps": "all",
     "splits": ["train", "eval"],
     "data_types": ["weights", "gradients"],
-    "metrics": ["per", "condition_number",
-                {"name": "norm", "kind": "fro"}, {"name": "norm", "kind": "nuc"},
-                {"name": "norm", "kind": "spectral"}, {"name": "norm", "kind": "inf"},
-                {"name": "cka", "data_types": ["activations"], "splits": ["eval"]}],
+    "metrics": [
+        "per",
+        "condition_number",
+        {"name": "norm", "kind": "fro"},
+        {"name": "norm", "kind": "nuc"},
+        {"name": "norm", "kind": "spectral"},
+        {"name": "norm", "kind": "inf"},
+        {"name": "cka", "data_types": ["activations"], "splits": ["eval"]},
+    ],
     "compare": "steps",
     "target_step": "last",
 }
-_TOP_KEYS = ("name", "steps", "splits", "data_types", "components", "metrics", "compare", "target_step",
-             "device", "dtype")
+_TOP_KEYS = (
+    "name",
+    "steps",
+    "splits",
+    "data_types",
+    "components",
+    "metrics",
+    "compare",
+    "target_step",
+    "device",
+    "dtype",
+)
 _METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare", "target_step")
 
 
@@ -155,17 +174,25 @@ def _metric(entry, i: int) -> MetricSpec:
     label = entry.get("label", _label(metric.name, params))
     if not isinstance(label, str) or not label:
         raise SpecError(f"{where}.label: expected a non-empty string, got {label!r}")
-    data_types = _names(entry["data_types"], f"{where}.data_types", DATA_TYPES) if "data_types" in entry else None
+    data_types = (
+        _names(entry["data_types"], f"{where}.data_types", DATA_TYPES) if "data_types" in entry else None
+    )
     for data_type in data_types or ():
         if data_type not in metric.data_types:
-            raise SpecError(f"{where}.data_types: {metric.name} does not suit {data_type} "
-                            f"(it suits {', '.join(metric.data_types)})")
+            raise SpecError(
+                f"{where}.data_types: {metric.name} does not suit {data_type} "
+                f"(it suits {', '.join(metric.data_types)})"
+            )
     return MetricSpec(
-        name=metric.name, label=label, params=tuple(params.items()), data_types=data_types,
+        name=metric.name,
+        label=label,
+        params=tuple(params.items()),
+        data_types=data_types,
         splits=_names(entry["splits"], f"{where}.splits", SPLITS) if "splits" in entry else None,
         components=_components(entry["components"], f"{where}.components") if "components" in entry else None,
         compare=_compare(entry["compare"], f"{where}.compare") if "compare" in entry else None,
-        target_step=_target(entry["target_step"], f"{where}.target_step") if "target_step" in entry else None)
+        target_step=_target(entry["target_step"], f"{where}.target_step") if "target_step" in entry else None,
+    )
 
 
 def parse_spec(raw: dict) -> AnalysisSpec:
@@ -192,12 +219,17 @@ def parse_spec(raw: dict) -> AnalysisSpec:
     if raw.get("dtype", "auto") not in DTYPES:
         raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {raw['dtype']!r}")
     return AnalysisSpec(
-        metrics=metrics, name=name, steps=steps, device=device, dtype=raw.get("dtype", "auto"),
+        metrics=metrics,
+        name=name,
+        steps=steps,
+        device=device,
+        dtype=raw.get("dtype", "auto"),
         splits=_names(raw["splits"], "splits", SPLITS) if "splits" in raw else SPLITS,
         data_types=_names(raw["data_types"], "data_types", DATA_TYPES) if "data_types" in raw else DATA_TYPES,
         components=_components(raw["components"], "components") if "components" in raw else None,
         compare=_compare(raw.get("compare", "steps"), "compare"),
-        target_step=_target(raw.get("target_step", "last"), "target_step"))
+        target_step=_target(raw.get("target_step", "last"), "target_step"),
+    )
 
 
 def load_spec(path=None, overrides=()) -> AnalysisSpec:

@@ -4,7 +4,9 @@ from pico.data.shards import DataError, build_index, find_tokenizer, resolve_url
 from pico.data.stream import TokenStream, iter_eval_batches, read_batch, split_rows
 
 _LAZY = {
-    "prepare_dataset": "pico.data.prepare", "load_stats": "pico.data.prepare", "ensure_demo_corpus": "pico.data.demo",
+    "prepare_dataset": "pico.data.prepare",
+    "load_stats": "pico.data.prepare",
+    "ensure_demo_corpus": "pico.data.demo",
 }
 
 
@@ -18,6 +20,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DataError", "TokenStream", "build_index", "ensure_demo_corpus", "find_tokenizer", "iter_eval_batches",
-    "load_stats", "prepare_dataset", "read_batch", "resolve_url", "split_rows",
+    "DataError",
+    "TokenStream",
+    "build_index",
+    "ensure_demo_corpus",
+    "find_tokenizer",
+    "iter_eval_batches",
+    "load_stats",
+    "prepare_dataset",
+    "read_batch",
+    "resolve_url",
+    "split_rows",
 ]

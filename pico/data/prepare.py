@@ -104,7 +104,9 @@ def unigram_entropy(rows: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def write_shards(rows: np.ndarray, out: Path, prefix: str, shards: int, row_group_size: int = 256) -> list[Path]:
+def write_shards(
+    rows: np.ndarray, out: Path, prefix: str, shards: int, row_group_size: int = 256
+) -> list[Path]:
     """Write `rows` (N, L) as `shards` parquet files `<prefix>-0000i-of-0000K.parquet`, `input_ids` list<int32>."""
     if len(rows) < shards:
         raise DataError(f"{out}: {len(rows)} rows cannot fill {shards} shards; use fewer shards or more text")
@@ -139,7 +141,9 @@ def tokenize(documents: Iterable[str], tok: Tokenizer, batch_documents: int = 25
         now = time.perf_counter()
         if final or now - reported > 2.0:
             reported, rate = now, n_tokens / max(now - started, 1e-9)
-            print(f"prepare: {len(tokens)} documents, {n_tokens} tokens, {rate:,.0f} tokens/s", file=sys.stderr)
+            print(
+                f"prepare: {len(tokens)} documents, {n_tokens} tokens, {rate:,.0f} tokens/s", file=sys.stderr
+            )
 
     for text in documents:
         batch.append(text)
@@ -188,20 +192,31 @@ def prepare_dataset(
         write_shards(rows, out / split, split, shards if split == "train" else eval_shards, row_group_size)
         shutil.copyfile(tokenizer_path, out / split / "tokenizer.json")
         stats[split] = {
-            "documents": len(docs), "rows": len(rows), "seq_len": seq_len, "tokens": int(rows.size),
-            "dropped_tokens": dropped, "vocab_size": vocab_size, "eos_id": eos_token, "seed": seed,
+            "documents": len(docs),
+            "rows": len(rows),
+            "seq_len": seq_len,
+            "tokens": int(rows.size),
+            "dropped_tokens": dropped,
+            "vocab_size": vocab_size,
+            "eos_id": eos_token,
+            "seed": seed,
             "unigram_entropy_nats": unigram_entropy(rows, vocab_size),
         }
         (out / split / STATS_FILE).write_text(json.dumps(stats[split], indent=2) + "\n")
-        print(f"prepare: {split}: {len(docs)} documents → {len(rows)} rows of {seq_len + 1} tokens "
-              f"({dropped} dropped) in {out / split}", file=sys.stderr)
+        print(
+            f"prepare: {split}: {len(docs)} documents → {len(rows)} rows of {seq_len + 1} tokens "
+            f"({dropped} dropped) in {out / split}",
+            file=sys.stderr,
+        )
     return stats
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m pico.data.prepare --input ... --tokenizer tokenizer.json --seq-len N --out DIR`."""
     p = argparse.ArgumentParser(prog="python -m pico.data.prepare", description=__doc__)
-    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files, dirs, globs, or a datasets id")
+    p.add_argument(
+        "--input", nargs="+", required=True, help=".txt/.jsonl files, dirs, globs, or a datasets id"
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizers JSON file (copied next to the shards)")
     p.add_argument("--seq-len", type=int, required=True, help="rows hold seq_len + 1 tokens")
     p.add_argument("--out", required=True, help="writes OUT/train (and OUT/eval) shards")
@@ -218,8 +233,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--seq-len, --shards, --eval-shards and --row-group-size must be ≥ 1")
     try:
         prepare_dataset(
-            iter_documents(args.input, args.text_column, args.split), args.tokenizer, args.seq_len, args.out,
-            args.shards, args.seed, args.eval_fraction, args.eval_shards, args.eos, args.row_group_size,
+            iter_documents(args.input, args.text_column, args.split),
+            args.tokenizer,
+            args.seq_len,
+            args.out,
+            args.shards,
+            args.seed,
+            args.eval_fraction,
+            args.eval_shards,
+            args.eos,
+            args.row_group_size,
         )
     except DataError as e:
         p.exit(2, f"error: {e}\n")

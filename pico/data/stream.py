@@ -104,8 +104,19 @@ class TokenStream:
     @classmethod
     def from_config(cls, data, rank: int, world_size: int, vocab_size: int, device) -> "TokenStream":
         """The stream a `data:` config section describes (pico.config.DataConfig), for one rank."""
-        return cls(data.path, data.seq_len, data.batch_size, data.micro_batch_size, rank, world_size, vocab_size,
-                   data.shuffle_seed, data.wrap, data.prefetch, device)
+        return cls(
+            data.path,
+            data.seq_len,
+            data.batch_size,
+            data.micro_batch_size,
+            rank,
+            world_size,
+            vocab_size,
+            data.shuffle_seed,
+            data.wrap,
+            data.prefetch,
+            device,
+        )
 
     @property
     def row_groups_read(self) -> int:

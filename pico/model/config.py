@@ -21,8 +21,15 @@ class PicoDecoderConfig:
     position_emb_theta: float = 10000.0
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_heads",
-                     "activation_hidden_dim", "vocab_size", "max_seq_len"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "attention_n_heads",
+            "attention_n_kv_heads",
+            "activation_hidden_dim",
+            "vocab_size",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
@@ -31,13 +38,19 @@ class PicoDecoderConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"model.{name} must be a positive number, got {value!r}")
         if self.d_model % self.attention_n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
-                             f"model.attention_n_heads={self.attention_n_heads}")
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by "
+                f"model.attention_n_heads={self.attention_n_heads}"
+            )
         if self.attention_n_heads % self.attention_n_kv_heads:
-            raise ValueError(f"model.attention_n_heads={self.attention_n_heads} is not divisible by "
-                             f"model.attention_n_kv_heads={self.attention_n_kv_heads}")
+            raise ValueError(
+                f"model.attention_n_heads={self.attention_n_heads} is not divisible by "
+                f"model.attention_n_kv_heads={self.attention_n_kv_heads}"
+            )
         if self.head_dim % 2:
-            raise ValueError(f"model.d_model / model.attention_n_heads = {self.head_dim} must be even for RoPE")
+            raise ValueError(
+                f"model.d_model / model.attention_n_heads = {self.head_dim} must be even for RoPE"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -66,9 +79,17 @@ class PicoDecoderConfig:
 
 
 def _preset(d_model: int) -> dict:
-    return dict(d_model=d_model, n_layers=12, attention_n_heads=12, attention_n_kv_heads=4,
-                activation_hidden_dim=4 * d_model, vocab_size=50304, max_seq_len=2048,
-                norm_eps=1e-6, position_emb_theta=10000.0)
+    return dict(
+        d_model=d_model,
+        n_layers=12,
+        attention_n_heads=12,
+        attention_n_kv_heads=4,
+        activation_hidden_dim=4 * d_model,
+        vocab_size=50304,
+        max_seq_len=2048,
+        norm_eps=1e-6,
+        position_emb_theta=10000.0,
+    )
 
 
 # pico-train's model sizes; parameter counts (untied embeddings) are in docs/model.md.

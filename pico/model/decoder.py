@@ -24,7 +24,9 @@ except ImportError:
     flash_attn_func = None
 
 
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    head_dim: int, max_seq_len: int, theta: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles pos * theta^(-2i/D), each (max_seq_len, D/2), in fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
@@ -70,8 +72,11 @@ class Attention(nn.Module):
             y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, D); GQA handled by the kernel
         else:
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D), (B, K, T, D) x2
-                is_causal=True, enable_gqa=True,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),  # (B, H, T, D), (B, K, T, D) x2
+                is_causal=True,
+                enable_gqa=True,
             ).transpose(1, 2)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
@@ -124,8 +129,10 @@ class PicoDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
-            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} has {T} positions, "
-                             f"more than model.max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} has {T} positions, "
+                f"more than model.max_seq_len={self.config.max_seq_len}"
+            )
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
         x = self.embedding_proj(input_ids)  # (B, T, C)
         for block in self.layers:
@@ -136,8 +143,12 @@ class PicoDecoder(nn.Module):
     @torch.no_grad()
     def init_rope(self):
         """Recompute the RoPE cos/sin buffers in place on their current device (needed after to_empty)."""
-        cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len,
-                                self.config.position_emb_theta, device=self.rope_cos.device)
+        cos, sin = rope_cos_sin(
+            self.config.head_dim,
+            self.config.max_seq_len,
+            self.config.position_emb_theta,
+            device=self.rope_cos.device,
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -35,9 +35,20 @@ _LAYER_NAMES = {  # within layers.{i} -> within model.layers.{i}
     "swiglu.w_2.weight": "mlp.down_proj.weight",
 }
 # The module kind behind each pico name (by its last part): what the Llama layout computes there.
-_MODULE_KINDS = {"embedding_proj": nn.Embedding, "de_embedding_proj": nn.Linear, "attention_norm": nn.RMSNorm,
-                 "swiglu_norm": nn.RMSNorm, "output_norm": nn.RMSNorm, "q_proj": nn.Linear, "k_proj": nn.Linear,
-                 "v_proj": nn.Linear, "o_proj": nn.Linear, "w_0": nn.Linear, "w_1": nn.Linear, "w_2": nn.Linear}
+_MODULE_KINDS = {
+    "embedding_proj": nn.Embedding,
+    "de_embedding_proj": nn.Linear,
+    "attention_norm": nn.RMSNorm,
+    "swiglu_norm": nn.RMSNorm,
+    "output_norm": nn.RMSNorm,
+    "q_proj": nn.Linear,
+    "k_proj": nn.Linear,
+    "v_proj": nn.Linear,
+    "o_proj": nn.Linear,
+    "w_0": nn.Linear,
+    "w_1": nn.Linear,
+    "w_2": nn.Linear,
+}
 _TOP_NAMES_INVERSE = {v: k for k, v in _TOP_NAMES.items()}
 _LAYER_NAMES_INVERSE = {v: k for k, v in _LAYER_NAMES.items()}
 
@@ -67,14 +78,18 @@ def export_problem(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         kind = _MODULE_KINDS.get(name.rsplit(".", 1)[-1])
         if kind is not None and type(module) is not kind:
-            return (f"module {name} is a {type(module).__name__}, which the Llama layout cannot express "
-                    f"(it expects {kind.__name__} there)")
+            return (
+                f"module {name} is a {type(module).__name__}, which the Llama layout cannot express "
+                f"(it expects {kind.__name__} there)"
+            )
         if kind is None and next(module.parameters(recurse=False), None) is not None:
             return f"module {name} ({type(module).__name__}) has parameters with no Llama counterpart"
     return None
 
 
-def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32, **special_tokens: int) -> dict:
+def llama_config(
+    config: PicoDecoderConfig, dtype: torch.dtype = torch.float32, **special_tokens: int
+) -> dict:
     """The LlamaConfig fields (config.json) describing a pico architecture; `special_tokens` e.g. eos_token_id."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -101,6 +116,7 @@ def llama_config(config: PicoDecoderConfig, dtype: torch.dtype = torch.float32, 
 
 def pico_config_from_llama(hf: dict, source: str = "config.json") -> PicoDecoderConfig:
     """The pico architecture of a Llama config.json dict; unsupported variants raise a one-line ValueError."""
+
     def reject(message: str):
         raise ValueError(f"{source}: {message}; pico supports untied, bias-free Llama with plain RoPE")
 
@@ -137,12 +153,17 @@ def pico_config_from_llama(hf: dict, source: str = "config.json") -> PicoDecoder
 def expected_shapes(config: PicoDecoderConfig) -> dict[str, tuple[int, ...]]:
     """Every pico parameter name of `config`'s architecture with its shape."""
     c, kv = config, config.attention_n_kv_heads * config.head_dim
-    layer = {"attention_norm.weight": (c.d_model,), "attention.q_proj.weight": (c.d_model, c.d_model),
-             "attention.k_proj.weight": (kv, c.d_model), "attention.v_proj.weight": (kv, c.d_model),
-             "attention.o_proj.weight": (c.d_model, c.d_model), "swiglu_norm.weight": (c.d_model,),
-             "swiglu.w_0.weight": (c.activation_hidden_dim, c.d_model),
-             "swiglu.w_1.weight": (c.activation_hidden_dim, c.d_model),
-             "swiglu.w_2.weight": (c.d_model, c.activation_hidden_dim)}
+    layer = {
+        "attention_norm.weight": (c.d_model,),
+        "attention.q_proj.weight": (c.d_model, c.d_model),
+        "attention.k_proj.weight": (kv, c.d_model),
+        "attention.v_proj.weight": (kv, c.d_model),
+        "attention.o_proj.weight": (c.d_model, c.d_model),
+        "swiglu_norm.weight": (c.d_model,),
+        "swiglu.w_0.weight": (c.activation_hidden_dim, c.d_model),
+        "swiglu.w_1.weight": (c.activation_hidden_dim, c.d_model),
+        "swiglu.w_2.weight": (c.d_model, c.activation_hidden_dim),
+    }
     shapes = {"embedding_proj.weight": (c.vocab_size, c.d_model)}
     shapes.update({f"layers.{i}.{k}": v for i in range(c.n_layers) for k, v in layer.items()})
     shapes.update({"output_norm.weight": (c.d_model,), "de_embedding_proj.weight": (c.vocab_size, c.d_model)})
@@ -159,12 +180,17 @@ def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderCo
         if name not in state_dict:
             raise ValueError(f"{source}: missing parameter {name!r}")
         if tuple(state_dict[name].shape) != shape:
-            raise ValueError(f"{source}: parameter {name!r} has shape {tuple(state_dict[name].shape)}, "
-                             f"expected {shape}")
+            raise ValueError(
+                f"{source}: parameter {name!r} has shape {tuple(state_dict[name].shape)}, expected {shape}"
+            )
 
 
-def save_pretrained(model_or_state_dict: nn.Module | dict[str, torch.Tensor], config: PicoDecoderConfig,
-                    directory: str | Path, **special_tokens: int):
+def save_pretrained(
+    model_or_state_dict: nn.Module | dict[str, torch.Tensor],
+    config: PicoDecoderConfig,
+    directory: str | Path,
+    **special_tokens: int,
+):
     """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in pico names.
 
     A module is checked with `export_problem` first; `special_tokens` (bos_token_id, eos_token_id) go to
@@ -179,7 +205,9 @@ def save_pretrained(model_or_state_dict: nn.Module | dict[str, torch.Tensor], co
     _check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) != 1:
-        raise ValueError(f"save_pretrained: parameters mix dtypes {sorted(map(str, dtypes))}; cast them to one")
+        raise ValueError(
+            f"save_pretrained: parameters mix dtypes {sorted(map(str, dtypes))}; cast them to one"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -213,8 +241,10 @@ def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
-    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
-                            f"(only safetensors checkpoints are supported)")
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors or model.safetensors.index.json "
+        f"(only safetensors checkpoints are supported)"
+    )
 
 
 def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor]]:

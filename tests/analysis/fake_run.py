@@ -13,13 +13,28 @@ MODULES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 
 def _shapes(d_model: int, n_heads: int, n_kv_heads: int, hidden: int) -> dict[str, tuple[int, int]]:
     d_head = d_model // n_heads
-    return {"attention.v_proj": (n_kv_heads * d_head, d_model), "attention.o_proj": (d_model, n_heads * d_head),
-            "swiglu.w_2": (d_model, hidden)}
+    return {
+        "attention.v_proj": (n_kv_heads * d_head, d_model),
+        "attention.o_proj": (d_model, n_heads * d_head),
+        "swiglu.w_2": (d_model, hidden),
+    }
 
 
-def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16, n_heads: int = 4,
-             n_kv_heads: int = 2, hidden: int = 32, n_samples: int = 32, seq_len: int = 8, seed: int = 0,
-             nan: tuple[int, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def make_run(
+    run_dir,
+    steps=(0, 10, 20),
+    *,
+    n_layers: int = 2,
+    d_model: int = 16,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    hidden: int = 32,
+    n_samples: int = 32,
+    seq_len: int = 8,
+    seed: int = 0,
+    nan: tuple[int, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write `run_dir/checkpoints/step_<N>/{model/config.json, learning_dynamics/*.safetensors}` for each step.
 
     Tensors drift smoothly with the step. `nan=(step, key)` puts a NaN into that tensor. A `step_5/` with a
@@ -34,9 +49,15 @@ def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16
     drift = {name: torch.randn(shape, generator=g) for name, shape in names.items()}
     inputs = torch.randn(n_samples, d_model, generator=g)  # the fixed eval batch, embedded
     eval_ids = torch.randint(0, 100, (n_samples, seq_len + 1), generator=data)
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d_model,
-              "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
-              "intermediate_size": hidden}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": d_model,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "intermediate_size": hidden,
+    }
     for step in steps:
         ckpt = step_dir(run_dir, step)
         (ckpt / MODEL).mkdir(parents=True, exist_ok=True)
@@ -45,7 +66,11 @@ def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16
         files = {"weights": {f"weights.{n}": w for n, w in weights.items()}}
         for split in ("train", "eval"):
             x = inputs if split == "eval" else torch.randn(n_samples, d_model, generator=g)
-            ids = eval_ids if split == "eval" else torch.randint(0, 100, (n_samples, seq_len + 1), generator=data)
+            ids = (
+                eval_ids
+                if split == "eval"
+                else torch.randint(0, 100, (n_samples, seq_len + 1), generator=data)
+            )
             tensors = {"input_ids": ids}
             for name, w in weights.items():
                 features = x if w.shape[1] == d_model else torch.randn(n_samples, w.shape[1], generator=g)
@@ -58,8 +83,11 @@ def make_run(run_dir, steps=(0, 10, 20), *, n_layers: int = 2, d_model: int = 16
                     t.view(-1)[0] = float("nan")
             path = dynamics_file(ckpt, split)
             path.parent.mkdir(exist_ok=True)
-            save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
-                      path, metadata={"step": str(step), "split": split})
+            save_file(
+                {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+                path,
+                metadata={"step": str(step), "split": split},
+            )
     (step_dir(run_dir, 5) / MODEL).mkdir(parents=True, exist_ok=True)
     (checkpoints_dir(run_dir) / LATEST).write_text(step_name(max(steps)))
     return run_dir

@@ -11,11 +11,21 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pico.run_dir import list_steps
-from pico.analysis import (COLUMNS, DEFAULT_SPEC, Checkpoint, SpecError, analyze, load_spec,
-                           parse_spec, read_csv, save, scalar_tag)
+from pico.analysis import (
+    COLUMNS,
+    DEFAULT_SPEC,
+    Checkpoint,
+    SpecError,
+    analyze,
+    load_spec,
+    parse_spec,
+    read_csv,
+    save,
+    scalar_tag,
+)
 from pico.components import ov_circuit
 from pico.metrics import cka, condition_number, norm, per, pwcca
+from pico.run_dir import list_steps
 from tests.analysis.fake_run import make_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +50,12 @@ def test_default_analysis_rows(run):
     rows = analyze([run], progress=False)
     steps, layers = (0, 10, 20), (0, 1)
     expected = set(itertools.product(steps, [None], ["weights"], MODULES, layers, [None], WEIGHT_METRICS))
-    expected |= set(itertools.product(steps, ["train", "eval"], ["gradients"], MODULES, layers, [None], WEIGHT_METRICS))
-    expected |= set(itertools.product(steps, ["eval"], ["activations"], MODULES, layers, [None], ["cka@step_20"]))
+    expected |= set(
+        itertools.product(steps, ["train", "eval"], ["gradients"], MODULES, layers, [None], WEIGHT_METRICS)
+    )
+    expected |= set(
+        itertools.product(steps, ["eval"], ["activations"], MODULES, layers, [None], ["cka@step_20"])
+    )
     assert len(rows) == len(expected) and set(keys(rows)) == expected
     assert {r.run for r in rows} == {"tiny"}
     value = {k: r.value for k, r in zip(keys(rows), rows)}
@@ -62,15 +76,29 @@ def test_steps_without_learning_dynamics_are_skipped(run):
 
 
 def test_outputs_csv_and_tensorboard(run):
-    spec = parse_spec({"name": "outputs", "metrics": ["per"], "data_types": ["weights"],
-                       "components": [{"name": "attention.v_proj", "layers": [1]}], "steps": [0, 20]})
+    spec = parse_spec(
+        {
+            "name": "outputs",
+            "metrics": ["per"],
+            "data_types": ["weights"],
+            "components": [{"name": "attention.v_proj", "layers": [1]}],
+            "steps": [0, 20],
+        }
+    )
     rows = analyze([run], spec, progress=False)
-    assert keys(rows) == [(0, None, "weights", "attention.v_proj", 1, None, "per"),
-                          (20, None, "weights", "attention.v_proj", 1, None, "per")]
+    assert keys(rows) == [
+        (0, None, "weights", "attention.v_proj", 1, None, "per"),
+        (20, None, "weights", "attention.v_proj", 1, None, "per"),
+    ]
     save(rows, [run], spec)
     out = run / "analysis" / "outputs"
     assert (out / "metrics.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
-    assert (out / "metrics.csv").read_text().splitlines()[1].startswith("tiny,0,,weights,attention.v_proj,1,,per,0.")
+    assert (
+        (out / "metrics.csv")
+        .read_text()
+        .splitlines()[1]
+        .startswith("tiny,0,,weights,attention.v_proj,1,,per,0.")
+    )
     assert read_csv(out / "metrics.csv") == rows
 
     events = EventAccumulator(str(out / "tensorboard"))
@@ -88,16 +116,26 @@ def test_outputs_csv_and_tensorboard(run):
 
 def test_nan_is_written_not_raised(tmp_path):
     run = make_run(tmp_path / "nanrun", nan=(10, "gradients.layers.0.attention.o_proj"))
-    spec = parse_spec({"name": "nan", "metrics": ["per", "condition_number", "hoyer"], "data_types": ["gradients"],
-                       "splits": ["train"], "components": ["attention.o_proj"]})
+    spec = parse_spec(
+        {
+            "name": "nan",
+            "metrics": ["per", "condition_number", "hoyer"],
+            "data_types": ["gradients"],
+            "splits": ["train"],
+            "components": ["attention.o_proj"],
+        }
+    )
     rows = analyze([run], spec, progress=False)
     bad = [r for r in rows if r.step == 10 and r.layer == 0]
     assert len(bad) == 3 and all(math.isnan(r.value) for r in bad)
     assert all(math.isfinite(r.value) for r in rows if r not in bad)
     written = save(rows, [run], spec, plot=True)
     assert ",nan" in (run / "analysis" / "nan" / "metrics.csv").read_text()
-    assert all(math.isnan(r.value) for r in read_csv(run / "analysis" / "nan" / "metrics.csv")
-               if (r.step, r.layer) == (10, 0))
+    assert all(
+        math.isnan(r.value)
+        for r in read_csv(run / "analysis" / "nan" / "metrics.csv")
+        if (r.step, r.layer) == (10, 0)
+    )
     events = EventAccumulator(str(run / "analysis" / "nan" / "tensorboard"))
     events.Reload()
     assert math.isnan(events.Scalars(scalar_tag(bad[0]))[1].value)
@@ -105,31 +143,55 @@ def test_nan_is_written_not_raised(tmp_path):
 
 
 def test_ov_circuit_per_head_rows(run):
-    spec = parse_spec({"name": "ov", "components": ["ov_circuit"], "splits": ["eval"], "steps": [10, 20],
-                       "metrics": [{"name": "norm", "kind": "spectral", "data_types": ["weights"]},
-                                   {"name": "cka", "target_step": 10}]})
+    spec = parse_spec(
+        {
+            "name": "ov",
+            "components": ["ov_circuit"],
+            "splits": ["eval"],
+            "steps": [10, 20],
+            "metrics": [
+                {"name": "norm", "kind": "spectral", "data_types": ["weights"]},
+                {"name": "cka", "target_step": 10},
+            ],
+        }
+    )
     rows = analyze([run], spec, progress=False)
-    expected = set(itertools.product([10, 20], [None], ["weights"], ["ov_circuit"], [0, 1], range(4),
-                                     ["norm_spectral"]))
-    expected |= set(itertools.product([10, 20], ["eval"], ["activations"], ["ov_circuit"], [0, 1], range(4),
-                                      ["cka@step_10"]))
+    expected = set(
+        itertools.product([10, 20], [None], ["weights"], ["ov_circuit"], [0, 1], range(4), ["norm_spectral"])
+    )
+    expected |= set(
+        itertools.product(
+            [10, 20], ["eval"], ["activations"], ["ov_circuit"], [0, 1], range(4), ["cka@step_10"]
+        )
+    )
     assert set(keys(rows)) == expected and len(rows) == len(expected)
     w = ld(run, 20, "weights")
-    ov = ov_circuit(w["weights.layers.1.attention.v_proj"].double(), w["weights.layers.1.attention.o_proj"].double(),
-                    4, 2)
+    ov = ov_circuit(
+        w["weights.layers.1.attention.v_proj"].double(), w["weights.layers.1.attention.o_proj"].double(), 4, 2
+    )
     value = {k: r.value for k, r in zip(keys(rows), rows)}
-    assert value[20, None, "weights", "ov_circuit", 1, 3, "norm_spectral"] == pytest.approx(norm(ov[3], "spectral"))
+    assert value[20, None, "weights", "ov_circuit", 1, 3, "norm_spectral"] == pytest.approx(
+        norm(ov[3], "spectral")
+    )
     assert value[10, "eval", "activations", "ov_circuit", 0, 2, "cka@step_10"] == pytest.approx(1.0)
 
 
 def test_compare_runs(tmp_path, run):
     small = make_run(tmp_path / "small", d_model=32, seed=1)
-    spec = parse_spec({"name": "runs", "metrics": [{"name": "pwcca", "compare": "runs"}, "gini"],
-                       "data_types": ["activations"], "splits": ["eval"], "components": ["attention.v_proj"]})
+    spec = parse_spec(
+        {
+            "name": "runs",
+            "metrics": [{"name": "pwcca", "compare": "runs"}, "gini"],
+            "data_types": ["activations"],
+            "splits": ["eval"],
+            "components": ["attention.v_proj"],
+        }
+    )
     rows = analyze([run, small], spec, progress=False)
     compared = [r for r in rows if r.metric.startswith("pwcca")]
-    assert {(r.run, r.step, r.layer, r.metric) for r in compared} == \
-        set(itertools.product(["small"], [0, 10, 20], [0, 1], ["pwcca@tiny"]))
+    assert {(r.run, r.step, r.layer, r.metric) for r in compared} == set(
+        itertools.product(["small"], [0, 10, 20], [0, 1], ["pwcca@tiny"])
+    )
     assert {r.run for r in rows if r.metric == "gini"} == {"tiny", "small"}
     x = ld(small, 10, "eval")["activations.layers.0.attention.v_proj"].double()
     y = ld(run, 10, "eval")["activations.layers.0.attention.v_proj"].double()
@@ -142,7 +204,9 @@ def test_checkpoint_reads_lazily_and_once(tmp_path):
     run = make_run(tmp_path / "lazy", steps=(0, 1))
     for step in (0, 1):
         (run / "checkpoints" / f"step_{step}" / "learning_dynamics" / "train.safetensors").unlink()
-    rows = analyze([run], {"metrics": ["per"], "data_types": ["weights"]}, progress=False)  # never opens train
+    rows = analyze(
+        [run], {"metrics": ["per"], "data_types": ["weights"]}, progress=False
+    )  # never opens train
     assert len(rows) == 2 * 3 * 2
     ckpt = Checkpoint(run, 0, torch.device("cpu"), torch.float64)
     first = ckpt.load("weights", "layers.0.swiglu.w_2")
@@ -173,7 +237,9 @@ def test_spec_errors(run):
     with pytest.raises(ValueError, match="no step 7 with learning_dynamics"):
         analyze([run], {"metrics": ["per"], "steps": [7]}, progress=False)
     with pytest.raises(ValueError, match="has no layer 5"):
-        analyze([run], {"metrics": ["per"], "components": [{"name": "swiglu.w_2", "layers": [5]}]}, progress=False)
+        analyze(
+            [run], {"metrics": ["per"], "components": [{"name": "swiglu.w_2", "layers": [5]}]}, progress=False
+        )
     with pytest.raises(ValueError, match="not a run directory"):
         analyze([run / "checkpoints"], progress=False)
 
@@ -185,9 +251,14 @@ def test_default_yaml_is_the_default_spec():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / "analyze.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "analyze.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_cli_default_with_plots(tmp_path):
@@ -209,4 +280,5 @@ def test_cli_bad_key_exits_2(run):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: metricz: unknown key (allowed: name, steps, splits, data_types, components, metrics, compare, "
-        "target_step, device, dtype)"]
+        "target_step, device, dtype)"
+    ]

@@ -14,8 +14,17 @@ SEQ = 8  # positions the model sees; batches hold SEQ + 1 tokens per row
 def tiny_model(seed: int = 0) -> PicoDecoder:
     """A 2-layer PicoDecoder small enough for CPU tests, identical for a given seed."""
     torch.manual_seed(seed)
-    return PicoDecoder(PicoDecoderConfig(d_model=16, n_layers=2, attention_n_heads=2, attention_n_kv_heads=1,
-                                         activation_hidden_dim=32, vocab_size=64, max_seq_len=16))
+    return PicoDecoder(
+        PicoDecoderConfig(
+            d_model=16,
+            n_layers=2,
+            attention_n_heads=2,
+            attention_n_kv_heads=1,
+            activation_hidden_dim=32,
+            vocab_size=64,
+            max_seq_len=16,
+        )
+    )
 
 
 def batch(n: int = 8, seed: int = 1) -> torch.Tensor:
@@ -35,4 +44,6 @@ def train_step(model, rows: torch.Tensor, micro_batch_size: int):
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     n = rows.shape[0] // world
-    return pico_train_step(model, list(rows[rank * n:(rank + 1) * n].split(micro_batch_size)))  # (mb, T+1) each
+    return pico_train_step(
+        model, list(rows[rank * n : (rank + 1) * n].split(micro_batch_size))
+    )  # (mb, T+1) each

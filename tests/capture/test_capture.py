@@ -50,7 +50,7 @@ def test_gradients_and_weights_equal_autograd():
     names = list(grads)
     params = [reference.get_submodule(n).weight for n in names]
     expected = torch.autograd.grad(global_mean_loss(reference, rows), params)
-    for name, param, want in zip(names, params, expected):
+    for name, want in zip(names, expected):
         assert grads[name].dtype == torch.float32 and grads[name].device.type == "cpu"
         torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-7)
     weights = capture_weights(model, LAYERS)
@@ -93,7 +93,7 @@ def test_hooks_removed_on_exit_and_on_error():
     with pytest.raises(ZeroDivisionError):
         with capture(model, LAYERS):
             assert hooks(model) == 6
-            1 / 0
+            _ = 1 / 0
     assert hooks(model) == 0
 
 
@@ -121,7 +121,11 @@ def test_capture_leaves_training_bitwise_identical():
 def test_suffix_matching_and_errors():
     model = tiny_model()
     with capture(model, ["layers.1.swiglu.w_2", "v_proj"]) as cap:
-        assert list(cap.modules) == ["layers.0.attention.v_proj", "layers.1.attention.v_proj", "layers.1.swiglu.w_2"]
+        assert list(cap.modules) == [
+            "layers.0.attention.v_proj",
+            "layers.1.attention.v_proj",
+            "layers.1.swiglu.w_2",
+        ]
     with pytest.raises(ValueError, match="'proj'"):  # suffixes match whole dot-separated parts only
         with capture(model, ["proj"]):
             pass

@@ -40,7 +40,9 @@ def _capture_on_two_ranks(strategy: str, positions: str, reference: dict, direct
     assert torch.equal(gather_rows(local), torch.tensor([[0.0], [1.0], [2.0], [10.0]]))
 
     split = SplitDynamics(got["activations"], got["gradients"], rows)
-    written = write_learning_dynamics(directory, {"train": split}, got["weights"], step=3, positions=positions)
+    written = write_learning_dynamics(
+        directory, {"train": split}, got["weights"], step=3, positions=positions
+    )
     assert (len(written) == 2) if rank == 0 else (written == [])
     dist.barrier()
     with safe_open(f"{directory}/learning_dynamics/train.safetensors", "pt") as f:
@@ -49,5 +51,8 @@ def _capture_on_two_ranks(strategy: str, positions: str, reference: dict, direct
 
 @pytest.mark.parametrize("strategy,positions", [("ddp", "all"), ("fsdp", "last")])
 def test_two_ranks_equal_one_process(strategy, positions, tmp_path):
-    run_distributed_test(_capture_on_two_ranks, world_size=2,
-                         args=(strategy, positions, single_process(positions), str(tmp_path)))
+    run_distributed_test(
+        _capture_on_two_ranks,
+        world_size=2,
+        args=(strategy, positions, single_process(positions), str(tmp_path)),
+    )

@@ -33,12 +33,15 @@ SHAPES = {"attention.v_proj": (8, 16), "attention.o_proj": (16, 16), "swiglu.w_2
 @pytest.mark.parametrize("dtype,positions", [("float32", "last"), ("bfloat16", "all")])
 def test_files_match_contract(tmp_path, dtype, positions):
     split, weights = captured(positions)
-    paths = write_learning_dynamics(tmp_path, {"train": split}, weights, step=7, positions=positions, dtype=dtype)
+    paths = write_learning_dynamics(
+        tmp_path, {"train": split}, weights, step=7, positions=positions, dtype=dtype
+    )
     assert [p.name for p in paths] == ["train.safetensors", "weights.safetensors"]
     modules = [f"layers.{i}.{s}" for i in range(2) for s in LAYERS]
     data, meta = read(paths[0])
-    assert sorted(data) == sorted([f"activations.{m}" for m in modules] + [f"gradients.{m}" for m in modules]
-                                  + ["input_ids"])
+    assert sorted(data) == sorted(
+        [f"activations.{m}" for m in modules] + [f"gradients.{m}" for m in modules] + ["input_ids"]
+    )
     rows = 8 if positions == "last" else 8 * SEQ
     for m in modules:
         out, inp = SHAPES[m.split(".", 2)[2]]
@@ -47,8 +50,14 @@ def test_files_match_contract(tmp_path, dtype, positions):
         assert data[f"activations.{m}"].dtype == data[f"gradients.{m}"].dtype == getattr(torch, dtype)
         assert torch.equal(data[f"gradients.{m}"], split.gradients[m].to(getattr(torch, dtype)))
     assert torch.equal(data["input_ids"].long(), split.input_ids) and data["input_ids"].dtype == torch.int32
-    assert meta == {"step": "7", "split": "train", "positions": positions, "dtype": dtype, "world_size": "1",
-                    "pico_version": pico.__version__}
+    assert meta == {
+        "step": "7",
+        "split": "train",
+        "positions": positions,
+        "dtype": dtype,
+        "world_size": "1",
+        "pico_version": pico.__version__,
+    }
     stored, wmeta = read(paths[1])
     assert sorted(stored) == sorted(f"weights.{m}" for m in modules)
     assert stored[f"weights.{modules[0]}"].shape == SHAPES["attention.v_proj"]
@@ -66,15 +75,20 @@ def test_bad_input_is_named(tmp_path):
     split, weights = captured()
     with pytest.raises(ValueError, match=r"activations.layers.0.attention.v_proj has shape \(7, 8\)"):
         bad = {**split.activations, "layers.0.attention.v_proj": torch.zeros(7, 8)}
-        write_learning_dynamics(tmp_path, {"train": SplitDynamics(bad, split.gradients, split.input_ids)}, None,
-                                step=1)
+        write_learning_dynamics(
+            tmp_path, {"train": SplitDynamics(bad, split.gradients, split.input_ids)}, None, step=1
+        )
     with pytest.raises(ValueError, match="'test'"):
         write_learning_dynamics(tmp_path, {"test": split}, weights, step=1)
     with pytest.raises(ValueError, match="float16"):
         write_learning_dynamics(tmp_path, {"train": split}, weights, step=1, dtype="float16")
     with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
-        write_learning_dynamics(tmp_path, {"train": SplitDynamics(split.activations, split.gradients,
-                                                                  split.input_ids.float())}, None, step=1)
+        write_learning_dynamics(
+            tmp_path,
+            {"train": SplitDynamics(split.activations, split.gradients, split.input_ids.float())},
+            None,
+            step=1,
+        )
     with pytest.raises(ValueError, match=r"weights.layers.0.attention.v_proj must be \(out_features"):
         write_learning_dynamics(tmp_path, {}, {"layers.0.attention.v_proj": torch.zeros(3)}, step=1)
     assert list(tmp_path.iterdir()) == []

@@ -13,8 +13,11 @@ ROW_LEN = 9  # seq_len 8
 def write_rows(path: Path, rows: list[list[int]], row_group_size: int = 8) -> Path:
     """Write `rows` (lists of ints, any lengths) as an `input_ids` list<int32> parquet file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32()))}), path,
-                   row_group_size=row_group_size)
+    pq.write_table(
+        pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32()))}),
+        path,
+        row_group_size=row_group_size,
+    )
     return path
 
 

@@ -13,9 +13,11 @@ WORKS = ["macbeth", "tempest"]
 
 
 def test_strip_gutenberg():
-    text = ("The Project Gutenberg EBook of Hamlet\nlicense terms\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n\n"
-            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore license\n")
+    text = (
+        "The Project Gutenberg EBook of Hamlet\nlicense terms\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore license\n"
+    )
     assert strip_gutenberg(text) == "ACT I.\nWho's there?\n"
     assert strip_gutenberg("ACT I.\nNo markers.\n\n") == "ACT I.\nNo markers.\n"
 
@@ -49,7 +51,10 @@ def test_demo_pipeline_on_two_works(tmp_path, tarball):
     assert find_tokenizer(demo / "train").read_bytes() == find_tokenizer(demo / "eval").read_bytes()
     with TokenStream(demo / "train", 64, 8, 4, vocab_size=tok.get_vocab_size()) as stream:
         assert stream.num_samples == train["rows"] and next(stream)[:, :-1].shape == (4, 64)
-    name = {"macbeth": "Macbeth", "tempest": "Prospero"}  # 72 and 13 mentions in their own work, 0 in the other
+    name = {
+        "macbeth": "Macbeth",
+        "tempest": "Prospero",
+    }  # 72 and 13 mentions in their own work, 0 in the other
     held_out, trained = name[marker["eval_works"][0]], name[({*WORKS} - {*marker["eval_works"]}).pop()]
     eval_text = tok.decode(read_batch(demo / "eval", evaluation["rows"], 64).flatten().tolist())
     train_text = tok.decode(read_batch(demo / "train", train["rows"], 64).flatten().tolist())

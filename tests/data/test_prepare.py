@@ -67,14 +67,16 @@ def test_eval_split_holds_out_whole_documents(tmp_path, tokenizer):
 
 def test_same_inputs_and_seed_give_identical_bytes(tmp_path, tokenizer):
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
-        prepare_dataset(DOCS, tokenizer, 2, tmp_path / name, shards=2, seed=seed, eval_fraction=0.3,
-                        row_group_size=4)
+        prepare_dataset(
+            DOCS, tokenizer, 2, tmp_path / name, shards=2, seed=seed, eval_fraction=0.3, row_group_size=4
+        )
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 7  # 2 train + 1 eval shard, tokenizer.json and stats.json in each split
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a/train/train-00000-of-00002.parquet").read_bytes() != (
-        tmp_path / "c/train/train-00000-of-00002.parquet").read_bytes()
+        tmp_path / "c/train/train-00000-of-00002.parquet"
+    ).read_bytes()
 
 
 def test_documents_from_txt_and_jsonl(tmp_path):
@@ -93,8 +95,22 @@ def test_cli(tmp_path, tokenizer, capsys):
     (tmp_path / "in").mkdir()
     for i, doc in enumerate(DOCS):
         (tmp_path / "in" / f"{i:02d}.txt").write_text(doc)
-    argv = ["--input", str(tmp_path / "in"), "--tokenizer", str(tokenizer), "--seq-len", "4", "--out",
-            str(tmp_path / "out"), "--shards", "2", "--seed", "3", "--eval-fraction", "0.1"]
+    argv = [
+        "--input",
+        str(tmp_path / "in"),
+        "--tokenizer",
+        str(tokenizer),
+        "--seq-len",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+        "--shards",
+        "2",
+        "--seed",
+        "3",
+        "--eval-fraction",
+        "0.1",
+    ]
     main(argv)
     err = capsys.readouterr().err
     assert "prepare: 10 documents, 45 tokens" in err and "tokens/s" in err

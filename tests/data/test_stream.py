@@ -10,7 +10,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pico.data import split_rows, DataError, TokenStream, find_tokenizer, iter_eval_batches, read_batch, resolve_url
+from pico.data import (
+    DataError,
+    TokenStream,
+    find_tokenizer,
+    iter_eval_batches,
+    read_batch,
+    resolve_url,
+    split_rows,
+)
 from tests.data.conftest import ROW_LEN, make_shards, row_ids
 from tests.distributed import run_distributed_test
 
@@ -19,7 +27,9 @@ SEQ = ROW_LEN - 1
 
 def global_batches(path, batch_size, micro_batch_size, world_size, n_batches, **kw) -> list[list[int]]:
     """Row numbers of the first global batches, reassembled from simulated ranks (rank-major, then micro-batch)."""
-    streams = [TokenStream(path, SEQ, batch_size, micro_batch_size, r, world_size, **kw) for r in range(world_size)]
+    streams = [
+        TokenStream(path, SEQ, batch_size, micro_batch_size, r, world_size, **kw) for r in range(world_size)
+    ]
     out = []
     for _ in range(n_batches):
         batch = []
@@ -54,7 +64,10 @@ def test_micro_batch_split_contract(shards):
                 inputs, labels = split_rows(next(stream))
                 first = s * B + r * B // W + k * mb
                 assert row_ids(inputs) == list(range(first, first + mb))
-                assert inputs.dtype == labels.dtype == torch.int64 and inputs.shape == labels.shape == (mb, SEQ)
+                assert inputs.dtype == labels.dtype == torch.int64 and inputs.shape == labels.shape == (
+                    mb,
+                    SEQ,
+                )
                 torch.testing.assert_close(labels[:, :-1], inputs[:, 1:])
                 assert (labels[:, -1] == inputs[:, 0] + SEQ).all()
 
@@ -140,7 +153,9 @@ def test_end_of_data_error_and_wrap(shards):
     assert [row_ids(next(wrapped)[:, :-1]) for _ in range(4)][3] == list(range(40))  # epoch 1 repeats epoch 0
     shuffled = TokenStream(shards, SEQ, 120, 120, 0, 1, shuffle_seed=0, wrap=True)
     epoch0, epoch1 = row_ids(next(shuffled)[:, :-1]), row_ids(next(shuffled)[:, :-1])
-    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) == list(range(120))  # reshuffled with seed + 1
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) == list(
+        range(120)
+    )  # reshuffled with seed + 1
     wrapped.close(), shuffled.close()
 
 
@@ -151,7 +166,9 @@ def test_fsspec_url_reads_like_local(shards):
     try:
         assert global_batches("memory://pico-test", 16, 4, 2, 5) == global_batches(shards, 16, 4, 2, 5)
         assert global_batches("memory://pico-test/data/part-[02].parquet", 8, 8, 1, 2) == [
-            list(range(8)), list(range(8, 16))]
+            list(range(8)),
+            list(range(8, 16)),
+        ]
     finally:
         fs.rm("/pico-test", recursive=True)
     assert resolve_url("pico-lm/pretokenized-dolma") == "hf://datasets/pico-lm/pretokenized-dolma"
@@ -174,8 +191,10 @@ def test_close_stops_the_prefetch_thread(shards):
 
 
 def test_interpreter_exits_with_a_running_stream(shards):
-    code = (f"from pico.data import TokenStream; s = TokenStream({str(shards)!r}, {SEQ}, 16, 4, prefetch=2); "
-            "next(s); print('ok')")
+    code = (
+        f"from pico.data import TokenStream; s = TokenStream({str(shards)!r}, {SEQ}, 16, 4, prefetch=2); "
+        "next(s); print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 

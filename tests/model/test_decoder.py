@@ -5,12 +5,18 @@ import math
 import pytest
 import torch
 
-from pico.model import PRESETS, PicoDecoder, PicoDecoderConfig
-from pico.model import decoder
+from pico.model import PRESETS, PicoDecoder, PicoDecoderConfig, decoder
 from pico.model.decoder import apply_rope, rope_cos_sin
 
-SMALL = dict(d_model=64, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
-             activation_hidden_dim=128, vocab_size=256, max_seq_len=32)
+SMALL = dict(
+    d_model=64,
+    n_layers=2,
+    attention_n_heads=4,
+    attention_n_kv_heads=2,
+    activation_hidden_dim=128,
+    vocab_size=256,
+    max_seq_len=32,
+)
 
 
 def small_model(**overrides) -> PicoDecoder:
@@ -83,8 +89,9 @@ def test_rope_dot_product_depends_only_on_relative_position():
     assert not torch.isclose(dots[0, 3], dots[0, 4])  # but the dot product does change with distance
 
 
-@pytest.mark.parametrize("name,expected", [("tiny", 11.28e6), ("small", 64.6e6),
-                                           ("medium", 181.1e6), ("large", 569.8e6)])
+@pytest.mark.parametrize(
+    "name,expected", [("tiny", 11.28e6), ("small", 64.6e6), ("medium", 181.1e6), ("large", 569.8e6)]
+)
 def test_preset_parameter_counts(name, expected):
     with torch.device("meta"):
         model = PicoDecoder(PicoDecoderConfig.preset(name))
@@ -119,8 +126,12 @@ def test_meta_construction_then_init_weights_is_finite_and_deterministic():
     reference = small_model()
     torch.manual_seed(1)
     reference.init_weights()
-    for (name, pa), pb, pc, pr in zip(a.state_dict().items(), b.state_dict().values(),
-                                      c.state_dict().values(), reference.state_dict().values()):
+    for (name, pa), pb, pc, pr in zip(
+        a.state_dict().items(),
+        b.state_dict().values(),
+        c.state_dict().values(),
+        reference.state_dict().values(),
+    ):
         assert torch.isfinite(pa).all(), name
         assert torch.equal(pa, pb) and torch.equal(pa, pr), name
         if "norm" not in name:
@@ -132,9 +143,14 @@ def test_meta_construction_then_init_weights_is_finite_and_deterministic():
 
 
 def test_init_weights_scheme():
-    model = PicoDecoder(PicoDecoderConfig(**{**SMALL, "d_model": 256, "activation_hidden_dim": 512, "n_layers": 8}))
-    assert all(torch.equal(m.weight, torch.ones_like(m.weight))
-               for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
+    model = PicoDecoder(
+        PicoDecoderConfig(**{**SMALL, "d_model": 256, "activation_hidden_dim": 512, "n_layers": 8})
+    )
+    assert all(
+        torch.equal(m.weight, torch.ones_like(m.weight))
+        for m in model.modules()
+        if isinstance(m, torch.nn.RMSNorm)
+    )
     assert model.embedding_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.layers[0].attention.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     residual_std = 0.02 / math.sqrt(2 * 8)
@@ -146,21 +162,35 @@ def test_module_names_follow_the_contract():
     names = set(dict(small_model().named_parameters()))
     expected = {"embedding_proj.weight", "output_norm.weight", "de_embedding_proj.weight"}
     for i in range(2):
-        expected |= {f"layers.{i}.{m}.weight" for m in (
-            "attention_norm", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
-            "swiglu_norm", "swiglu.w_0", "swiglu.w_1", "swiglu.w_2")}
+        expected |= {
+            f"layers.{i}.{m}.weight"
+            for m in (
+                "attention_norm",
+                "attention.q_proj",
+                "attention.k_proj",
+                "attention.v_proj",
+                "attention.o_proj",
+                "swiglu_norm",
+                "swiglu.w_0",
+                "swiglu.w_1",
+                "swiglu.w_2",
+            )
+        }
     assert names == expected
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (dict(d_model=100), "attention_n_heads"),
-    (dict(attention_n_kv_heads=3), "attention_n_kv_heads"),
-    (dict(d_model=12), "attention_n_heads = 3 must be even"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(n_layers=2.5), "n_layers"),
-    (dict(norm_eps=-1e-6), "norm_eps"),
-    (dict(position_emb_theta=0), "position_emb_theta"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(d_model=100), "attention_n_heads"),
+        (dict(attention_n_kv_heads=3), "attention_n_kv_heads"),
+        (dict(d_model=12), "attention_n_heads = 3 must be even"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(n_layers=2.5), "n_layers"),
+        (dict(norm_eps=-1e-6), "norm_eps"),
+        (dict(position_emb_theta=0), "position_emb_theta"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         PicoDecoderConfig(**{**SMALL, **overrides})

@@ -9,9 +9,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from pico.model import PicoDecoder, PicoDecoderConfig, from_pretrained, save_pretrained
 from pico.model.hf import export_problem, llama_to_pico_name, pico_to_llama_name
 
-CONFIG = PicoDecoderConfig(d_model=64, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
-                           activation_hidden_dim=128, vocab_size=256, max_seq_len=32,
-                           norm_eps=1e-5, position_emb_theta=500.0)
+CONFIG = PicoDecoderConfig(
+    d_model=64,
+    n_layers=2,
+    attention_n_heads=4,
+    attention_n_kv_heads=2,
+    activation_hidden_dim=128,
+    vocab_size=256,
+    max_seq_len=32,
+    norm_eps=1e-5,
+    position_emb_theta=500.0,
+)
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,9 +44,18 @@ def test_pico_to_hf_logits_match(tmp_path):
 
 
 def test_hf_saved_llama_loads_into_pico(tmp_path):
-    hf_config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                            rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
+    hf_config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
     hf = randomized(LlamaForCausalLM(hf_config)).eval()
     hf.save_pretrained(tmp_path)
     model = PicoDecoder.from_pretrained(tmp_path)
@@ -86,20 +103,32 @@ def test_save_rejects_incomplete_or_misshapen_state_dict(tmp_path):
 
 
 def test_tied_llama_checkpoint_is_rejected(tmp_path):
-    hf_config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                            num_attention_heads=4, tie_word_embeddings=True)
+    hf_config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tie_word_embeddings=true"):
         PicoDecoder.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"attention_bias": True}, "attention_bias=true"),
-    ({"mlp_bias": True}, "mlp_bias=true"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}}, "rope_parameters="),
-    ({"model_type": "mistral"}, "model_type='mistral'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}},
+            "rope_parameters=",
+        ),
+        ({"model_type": "mistral"}, "model_type='mistral'"),
+    ],
+)
 def test_unsupported_configs_are_rejected_with_the_key(tmp_path, change, message):
     PicoDecoder(CONFIG).save_pretrained(tmp_path)
     path = tmp_path / "config.json"
@@ -118,8 +147,15 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_sharded_hf_checkpoint_loads(tmp_path):
-    hf_config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    hf_config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     hf = randomized(LlamaForCausalLM(hf_config)).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()

@@ -11,8 +11,15 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ, VOCAB, STEPS = 16, 64, 6
-MODEL = ["model.d_model=32", "model.n_layers=2", "model.attention_n_heads=4", "model.attention_n_kv_heads=2",
-         "model.activation_hidden_dim=64", f"model.vocab_size={VOCAB}", "model.max_seq_len=32"]
+MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.attention_n_heads=4",
+    "model.attention_n_kv_heads=2",
+    "model.activation_hidden_dim=64",
+    f"model.vocab_size={VOCAB}",
+    "model.max_seq_len=32",
+]
 LAYERS = ["layers.0.attention.v_proj", "layers.1.attention.o_proj", "layers.1.swiglu.w_2"]
 
 

@@ -24,11 +24,26 @@ def data(tmp_path_factory):
 
 def overrides(data, run_dir, *extra):
     train, evals = data
-    return [*MODEL, f"data.path={train}", f"data.seq_len={SEQ}", "data.batch_size=8", "data.micro_batch_size=2",
-            f"training.max_steps={STEPS}", "training.lr=1e-3", "training.warmup_steps=2", "training.seed=3",
-            f"checkpointing.run_dir={run_dir}", "checkpointing.save_every=3", f"learning_dynamics.eval_data={evals}",
-            "learning_dynamics.eval_batch_size=4", "learning_dynamics.metrics=[per, norm]",
-            f"evaluation.data={evals}", "evaluation.batch_size=4", "logging.log_every=1", *extra]
+    return [
+        *MODEL,
+        f"data.path={train}",
+        f"data.seq_len={SEQ}",
+        "data.batch_size=8",
+        "data.micro_batch_size=2",
+        f"training.max_steps={STEPS}",
+        "training.lr=1e-3",
+        "training.warmup_steps=2",
+        "training.seed=3",
+        f"checkpointing.run_dir={run_dir}",
+        "checkpointing.save_every=3",
+        f"learning_dynamics.eval_data={evals}",
+        "learning_dynamics.eval_batch_size=4",
+        "learning_dynamics.metrics=[per, norm]",
+        f"evaluation.data={evals}",
+        "evaluation.batch_size=4",
+        "logging.log_every=1",
+        *extra,
+    ]
 
 
 def losses(run_dir):
@@ -62,10 +77,17 @@ def test_run_directory_follows_the_documented_layout(single):
         for split, rows in (("train", 8), ("eval", 4)):
             with safe_open(d / "learning_dynamics" / f"{split}.safetensors", "pt") as f:
                 meta = f.metadata()
-                assert (meta["step"], meta["split"], meta["positions"], meta["world_size"]) == (str(step), split,
-                                                                                                  "last", "1")
+                assert (meta["step"], meta["split"], meta["positions"], meta["world_size"]) == (
+                    str(step),
+                    split,
+                    "last",
+                    "1",
+                )
                 assert f.get_tensor("input_ids").shape == (rows, SEQ + 1)
-                assert f.get_tensor("activations.layers.0.attention.v_proj").shape == (rows, 16)  # 2 KV heads × 8
+                assert f.get_tensor("activations.layers.0.attention.v_proj").shape == (
+                    rows,
+                    16,
+                )  # 2 KV heads × 8
                 assert f.get_tensor("activations.layers.1.swiglu.w_2").shape == (rows, 32)
                 assert f.get_tensor("gradients.layers.1.swiglu.w_2").shape == (32, 64)
                 assert len([k for k in f.keys() if k.startswith("gradients.")]) == 6  # 3 suffixes × 2 layers
@@ -77,10 +99,16 @@ def test_learning_dynamics_follow_the_w_n_rule(single, data):
     """step_N's weights are W_N, its train split is the batch of update N+1 and its input_ids are that batch."""
     model_w = weights(single, 3)
     ld = load_file(single / "checkpoints" / "step_3" / "learning_dynamics" / "weights.safetensors")
-    torch.testing.assert_close(ld["weights.layers.1.attention.o_proj"], model_w["model.layers.1.self_attn.o_proj.weight"],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        ld["weights.layers.1.attention.o_proj"],
+        model_w["model.layers.1.self_attn.o_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
     train = load_file(single / "checkpoints" / "step_3" / "learning_dynamics" / "train.safetensors")
-    rows = np.concatenate([pq.read_table(p)["input_ids"].to_pylist() for p in sorted(data[0].glob("*.parquet"))])
+    rows = np.concatenate(
+        [pq.read_table(p)["input_ids"].to_pylist() for p in sorted(data[0].glob("*.parquet"))]
+    )
     assert torch.equal(train["input_ids"], torch.as_tensor(rows[24:32]))  # global batch 3 = samples 24..31
 
 
@@ -168,11 +196,27 @@ def test_two_node_rendezvous(single, data, tmp_path):
     from tests.distributed import free_port
 
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RDZV_ID": "pico-test"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": "pico-test",
+    }
     cmd = ["./torchrun.sh", "recipes/pretrain.py", *overrides(data, run_dir)]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
@@ -188,11 +232,14 @@ def test_capture_leaves_training_unchanged(single, data, tmp_path):
         assert torch.equal(weights(run_dir)[name], w), name
 
 
-@pytest.mark.parametrize("extra, key", [
-    (["training.lrr=1"], "training.lrr: unknown key"),
-    (["data.micro_batch_size=3"], "data.batch_size: 8 is not a multiple of data.micro_batch_size=3"),
-    (["training.precision=fp16"], "training.precision: 'fp16' is not one of"),
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["training.lrr=1"], "training.lrr: unknown key"),
+        (["data.micro_batch_size=3"], "data.batch_size: 8 is not a multiple of data.micro_batch_size=3"),
+        (["training.precision=fp16"], "training.precision: 'fp16' is not one of"),
+    ],
+)
 def test_bad_config_exits_2_naming_the_key(data, tmp_path, extra, key):
     proc = launch(overrides(data, tmp_path / "run", *extra), check=False)
     assert proc.returncode == 2
@@ -209,9 +256,19 @@ def test_batch_not_divisible_by_world_size_exits_2(data, tmp_path):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_loss_policy(data, tmp_path, policy):
     run_dir = tmp_path / "run"
-    proc = launch(overrides(data, run_dir, "training.lr=1e30", "training.warmup_steps=0", "training.grad_clip=null",
-                            f"training.nan_policy={policy}", "learning_dynamics.enabled=false",
-                            "evaluation.data=null"), check=False)
+    proc = launch(
+        overrides(
+            data,
+            run_dir,
+            "training.lr=1e30",
+            "training.warmup_steps=0",
+            "training.grad_clip=null",
+            f"training.nan_policy={policy}",
+            "learning_dynamics.enabled=false",
+            "evaluation.data=null",
+        ),
+        check=False,
+    )
     assert "non-finite" in proc.stdout
     _, acc = losses(run_dir)
     skipped = acc.Scalars("train/nonfinite_steps")
