@@ -143,7 +143,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     print(
-        f"threads={torch.get_num_threads()} torch={torch.__version__} steps={args.steps} (+{args.warmup} warm-up), "
+        f"threads={torch.get_num_threads()} torch={torch.__version__} steps={args.steps} "
+        f"(+{args.warmup} warm-up), "
         f"fp32 on CPU, layers={list(DEFAULT_LAYERS)}, positions=last"
     )
     columns = (
@@ -167,7 +168,8 @@ def main():
     for name in args.setups:
         overrides, batch, micro = SETUPS[name]
         print(
-            f"  {name}: tiny preset with {overrides}, global batch {batch}, micro-batch {micro}, eval batch {batch}"
+            f"  {name}: tiny preset with {overrides}, global batch {batch}, micro-batch {micro}, "
+            f"eval batch {batch}"
         )
 
     print(

@@ -1,8 +1,10 @@
-"""TokenStream throughput vs a plain pyarrow full read, and the data-wait fraction of a tiny-model training step.
+"""TokenStream throughput vs a plain pyarrow full read, and the data-wait fraction of a tiny-model
+training step.
 
-Reference: `pyarrow.parquet.read_table` of every file + `to_numpy` (what any reader must at least pay to see all
-tokens). The stream delivers int64 (inputs, labels) micro-batches; with W simulated ranks each rank reads only
-its slices, so its wall time should fall ~1/W ("vs pyarrow" = reference seconds / seconds per rank).
+Reference: `pyarrow.parquet.read_table` of every file + `to_numpy` (what any reader must at least pay
+to see all tokens). The stream delivers int64 (inputs, labels) micro-batches; with W simulated ranks
+each rank reads only its slices, so its wall time should fall ~1/W ("vs pyarrow" = reference seconds /
+seconds per rank).
 Data wait = time blocked in next() / total training-step time.
 
     python benchmarks/data_stream.py --rows 8192 --seq-len 256 --steps 10
@@ -91,7 +93,8 @@ def main() -> None:
         print(f"{args.rows} rows × {args.seq_len + 1} tokens in {args.shards} shards (row groups of 256)")
         print(f"{'reader':<36}{'tokens/rank':>12}{'s/rank':>10}{'tokens/s':>14}{'vs pyarrow':>11}")
         print(
-            f"{'pyarrow read_table (reference)':<36}{ref_tokens:>12}{ref_s:>10.4f}{ref_tokens / ref_s:>14,.0f}"
+            f"{'pyarrow read_table (reference)':<36}{ref_tokens:>12}{ref_s:>10.4f}"
+            f"{ref_tokens / ref_s:>14,.0f}"
             f"{1.0:>11.2f}"
         )
         for world_size in (1, 2):
@@ -100,11 +103,13 @@ def main() -> None:
                 key=lambda r: r[1],
             )
             print(
-                f"{f'TokenStream, {world_size} rank(s), per rank':<36}{tokens:>12}{s:>10.4f}{tokens / s:>14,.0f}"
+                f"{f'TokenStream, {world_size} rank(s), per rank':<36}{tokens:>12}{s:>10.4f}"
+                f"{tokens / s:>14,.0f}"
                 f"{ref_s / s:>11.2f}"
             )
         print(
-            f"\ntraining step: PicoDecoder tiny, vocab {args.vocab_size}, micro-batch {args.micro_batch_size} × "
+            f"\ntraining step: PicoDecoder tiny, vocab {args.vocab_size}, "
+            f"micro-batch {args.micro_batch_size} × "
             f"{args.accumulation} accumulation, seq_len {args.seq_len}, 1 CPU thread, {args.steps} steps"
         )
         print(f"{'prefetch':<12}{'ms/step':>10}{'ms waiting':>12}{'data wait':>12}")

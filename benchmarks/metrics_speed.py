@@ -127,7 +127,8 @@ def metric_table(args):
         inputs[f"act {args.samples}x{features}"] = (x, y)
     inputs[f"weight {args.weight[0]}x{args.weight[1]}"] = (g.standard_normal(args.weight) * 0.02,)
     print(
-        f"{'metric':<18}{'input':<20}{'device':<8}{'pico ms':>10}{'numpy f64 ms':>14}{'ratio':>8}{'rel diff':>10}"
+        f"{'metric':<18}{'input':<20}{'device':<8}{'pico ms':>10}"
+        f"{'numpy f64 ms':>14}{'ratio':>8}{'rel diff':>10}"
     )
     pwcca_cpu = {}
     for label, arrays in inputs.items():
@@ -203,7 +204,8 @@ def analysis_table(args):
         assert count == len(rows), (count, len(rows))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(
-            f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, d_model {args.run_d_model}, "
+            f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, "
+            f"d_model {args.run_d_model}, "
             f"per + condition_number + spectral norm of weights and gradients ({len(rows)} values)"
         )
         print(f"{'':<34}{'seconds':>10}{'ratio':>8}")

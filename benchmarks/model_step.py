@@ -92,7 +92,8 @@ def main():
     config = PicoDecoderConfig.preset(args.preset, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     print(
         f"preset={args.preset} vocab={args.vocab_size} batch={args.batch_size} seq={args.seq_len} "
-        f"steps={args.steps} (+{args.warmup} warm-up) threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"steps={args.steps} (+{args.warmup} warm-up) threads={torch.get_num_threads()} "
+        f"torch={torch.__version__}"
     )
     rows = [row for device in args.devices for row in bench_device(config, args, device)]
     print(f"\n{'impl':<10} {'device':<6} {'dtype':<14} {'tokens/s':>10} {'ms/step':>9}")

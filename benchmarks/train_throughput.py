@@ -134,7 +134,8 @@ def main():
         base = next(x for m, s, _, x in rows if m == model and s == "single")["tokens_per_s"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         print(
-            f"{model:<6} {strategy:<7} {nproc:>5} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s'] / base:>8.2f}x "
+            f"{model:<6} {strategy:<7} {nproc:>5} {r['tokens_per_s']:>10,.0f} "
+            f"{r['tokens_per_s'] / base:>8.2f}x "
             f"{mfu:>6} {r['checkpoint_s']:>11.2f} {r['model'] / 1e6:>9.1f} {r['state'] / 1e6:>9.1f} "
             f"{r['learning_dynamics'] / 1e6:>11.2f}"
         )

@@ -23,7 +23,8 @@ _WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
 
 
 def module_name(name: str) -> str:
-    """A module path without wrapper parts: `layers.0._orig_mod.attention.v_proj` -> `layers.0.attention.v_proj`."""
+    """A module path without wrapper parts:
+    `layers.0._orig_mod.attention.v_proj` -> `layers.0.attention.v_proj`."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
@@ -66,7 +67,8 @@ def _in_backward() -> bool:
 
 
 def prepare_compile() -> None:
-    """Make the hooks that capture() adds later reach compiled code; call before a model's first compiled forward.
+    """Make the hooks that capture() adds later reach compiled code; call before a model's first
+    compiled forward.
 
     torch.compile skips guards on module hooks by default, so a block compiled before a hook was added
     would run without it. This makes dynamo guard on hooks (a global dynamo setting, which is why it is a
@@ -112,7 +114,8 @@ class Capture:
         for name, chunks in self.records.items():
             if not chunks:
                 raise RuntimeError(
-                    f"capture recorded no forward pass of {name}: run the model inside the `with capture(...)` "
+                    f"capture recorded no forward pass of {name}: run the model inside the "
+                    "`with capture(...)` "
                     "block; a torch.compile'd model ignores hooks added after compilation unless "
                     "pico.capture.prepare_compile() ran before its first forward"
                 )
@@ -120,7 +123,8 @@ class Capture:
         return result
 
     def gradients(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Weight gradients `(out, in)` of the captured modules as they are now in `.grad` (full tensors, CPU).
+        """Weight gradients `(out, in)` of the captured modules as they are now in `.grad`
+        (full tensors, CPU).
 
         Call after the last backward of the update and before clipping, `optimizer.step()` and
         `zero_grad()`. A collective under FSDP2: call it on every rank.

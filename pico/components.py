@@ -16,7 +16,8 @@ from pico.run_dir import DATA_TYPES
 
 @dataclass(frozen=True)
 class Component:
-    """A registered compound component: `fn(source, layer, data_type) -> Tensor` ((n_heads, ...) if per_head)."""
+    """A registered compound component: `fn(source, layer, data_type) -> Tensor`
+    ((n_heads, ...) if per_head)."""
 
     name: str
     fn: Callable[..., torch.Tensor]

@@ -1,4 +1,5 @@
-"""Run configuration: nested dataclasses, YAML files and typed `section.key=value` overrides, strictly validated."""
+"""Run configuration: nested dataclasses, YAML files and typed `section.key=value` overrides,
+strictly validated."""
 
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _set_override(tree: dict, override: str, depth: int) -> None:
-    """Apply one `key.path=value` override (value parsed as YAML, `depth` dotted parts) to the nested dict `tree`."""
+    """Apply one `key.path=value` override (value parsed as YAML, `depth` dotted parts) to the
+    nested dict `tree`."""
     shape = "section.key" if depth == 2 else "key"
     path, sep, raw = override.partition("=")
     parts = path.strip().split(".")
@@ -275,7 +277,8 @@ def _validate(cfg: Config) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate; raise ConfigError."""
+    """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate;
+    raise ConfigError."""
     cfg = _build(Config, load_tree(path, overrides), "")
     _validate(cfg)
     return cfg

@@ -1,4 +1,5 @@
-"""Process-group set-up from the torchrun environment and `parallelize()`: the one place parallelism is applied."""
+"""Process-group set-up from the torchrun environment and `parallelize()`: the one place parallelism
+is applied."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def world_size() -> int:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
-    """Init the process group from torchrun's env (nccl on CUDA, gloo on CPU); a plain 1-process run needs none.
+    """Init the process group from torchrun's env (nccl on CUDA, gloo on CPU); a plain 1-process run
+    needs none.
 
     A worker started by a launcher (LOCAL_RANK set) exits when the launcher dies (pico.lifecycle), so a
     killed torchrun leaves no orphans writing checkpoints; a plain `python` run is left alone (nohup).
@@ -140,7 +142,8 @@ def autocast(precision: str, device: torch.device, model: nn.Module):
 
 def reshard(model: nn.Module) -> None:
     """Free FSDP2's gathered weights after a no-grad forward (no backward will): else a block kept
-    unsharded (reshard_after_forward=False) would run its next forward on weights from before optimizer.step."""
+    unsharded (reshard_after_forward=False) would run its next forward on weights from before
+    optimizer.step."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -29,7 +29,8 @@ STORED_DTYPES = ("float32", "bfloat16")  # what learning_dynamics.dtype may stor
 
 @dataclass
 class SplitDynamics:
-    """What one split captured on W_N: activations (N, out) or (N·T, out), gradients (out, in), input_ids (N, T+1)."""
+    """What one split captured on W_N: activations (N, out) or (N·T, out), gradients (out, in),
+    input_ids (N, T+1)."""
 
     activations: dict[str, torch.Tensor]
     gradients: dict[str, torch.Tensor]

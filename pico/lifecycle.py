@@ -18,7 +18,8 @@ os.register_at_fork(after_in_child=_record_parent)  # a forked child's parent is
 
 
 def die_with_parent() -> bool:
-    """On Linux, get SIGTERM when the parent dies (also if it died already); elsewhere a no-op returning False.
+    """On Linux, get SIGTERM when the parent dies (also if it died already); elsewhere a no-op
+    returning False.
 
     The kernel signals when the parent *thread* that started this process exits (torchrun's agent starts
     its workers from its main thread). A parent that died before this call is detected by comparing the

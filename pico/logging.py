@@ -60,7 +60,8 @@ class TrainLogger:
                 self.writer.add_scalar(tag, value, step)
 
     def evals(self, step: int, results: dict[str, dict]) -> None:
-        """Log evaluation results `{task: {metric: value}}`: `eval/<task>/<metric>` scalars, a line per task."""
+        """Log evaluation results `{task: {metric: value}}`: `eval/<task>/<metric>` scalars,
+        a line per task."""
         for task, metrics in results.items():
             numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}  # not counts such as n
             self.scalars(step, {f"eval/{task}/{k}": v for k, v in numbers.items()})

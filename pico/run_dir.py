@@ -72,12 +72,14 @@ def parse_key(key: str) -> tuple[str, str] | None:
 
 
 def module_matches(name: str, suffix: str) -> bool:
-    """True when module name `name` ends with `suffix` on a dot boundary (`layers.0.attention.v_proj`, `v_proj`)."""
+    """True when module name `name` ends with `suffix` on a dot boundary
+    (`layers.0.attention.v_proj`, `v_proj`)."""
     return name == suffix or name.endswith("." + suffix)
 
 
 def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
-    """Steps N, ascending, whose `step_<N>/` holds `require` (a sub-path such as learning_dynamics or state)."""
+    """Steps N, ascending, whose `step_<N>/` holds `require` (a sub-path such as learning_dynamics
+    or state)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         raise ValueError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")

@@ -1,8 +1,9 @@
-"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
+r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
 
     python recipes/analyze.py --run runs/tiny                                  # the default analysis
     python recipes/analyze.py --run runs/tiny --config recipes/configs/analyze.yaml --plot
-    python recipes/analyze.py --run runs/tiny --run runs/small metrics=[cka] compare=runs data_types=[activations]
+    python recipes/analyze.py --run runs/tiny --run runs/small \
+        metrics=[cka] compare=runs data_types=[activations]
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
 metrics.csv, tensorboard/ and, with --plot, plots/*.png. Bad input exits with code 2 and one line.

@@ -1,4 +1,5 @@
-"""pico.evaluation.perplexity: the value, sharding over real ranks, and FSDP2 weights after a no-grad forward."""
+"""pico.evaluation.perplexity: the value, sharding over real ranks, and FSDP2 weights after a
+no-grad forward."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""docs/forking.md's commands, run verbatim (with OVERRIDES for a micro model), so the walkthrough cannot rot."""
+"""docs/forking.md's commands, run verbatim (with OVERRIDES for a micro model), so the walkthrough
+cannot rot."""
 
 import csv
 import os

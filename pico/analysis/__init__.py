@@ -2,7 +2,8 @@
 
     spec = load_spec("recipes/configs/analyze_ov.yaml", ["steps=[0,1000]"])   # or parse_spec({...})
     rows = analyze(["runs/tiny"], spec)        # list[Row], the tidy table
-    save(rows, ["runs/tiny"], spec, plot=True)  # runs/tiny/analysis/<name>/{metrics.csv, tensorboard/, plots/}
+    save(rows, ["runs/tiny"], spec, plot=True)  # runs/tiny/analysis/<name>/{metrics.csv,
+                                                #   tensorboard/, plots/}
 
 Reads the run directory through pico.run_dir (docs/checkpoints.md). Every
 checkpoint is opened once and read lazily: only the tensors a metric asks for, each at most once, straight

@@ -1,4 +1,5 @@
-"""In-situ metrics: scalars of the tensors captured at a checkpoint step, logged to tensorboard while training."""
+"""In-situ metrics: scalars of the tensors captured at a checkpoint step, logged to tensorboard while
+training."""
 
 import torch
 

@@ -16,7 +16,8 @@ COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "m
 
 
 def write_csv(rows, path) -> Path:
-    """The tidy table: header COLUMNS, empty cells for split/layer/head where they do not apply, nan/inf as such."""
+    """The tidy table: header COLUMNS, empty cells for split/layer/head where they do not apply,
+    nan/inf as such."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -142,7 +143,8 @@ def plot_rows(rows, out_dir) -> list[Path]:
 
 
 def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
-    """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of that name)."""
+    """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of
+    that name)."""
     written = []
     for run, name in zip(runs, run_names(runs)):
         out = analysis_dir(run, spec.name)

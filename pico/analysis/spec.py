@@ -59,7 +59,8 @@ class SpecError(ConfigError):
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """A component by name (a module-name suffix or a registered compound component), optionally some layers."""
+    """A component by name (a module-name suffix or a registered compound component), optionally
+    some layers."""
 
     name: str
     layers: tuple[int, ...] | None = None
@@ -233,7 +234,8 @@ def parse_spec(raw: dict) -> AnalysisSpec:
 
 
 def load_spec(path=None, overrides=()) -> AnalysisSpec:
-    """The spec in YAML file `path` (default: DEFAULT_SPEC) with `key=value` overrides (values parsed as YAML)."""
+    """The spec in YAML file `path` (default: DEFAULT_SPEC) with `key=value` overrides (values parsed
+    as YAML)."""
     if path is not None and not Path(path).is_file():
         raise SpecError(f"{path}: no such config file")
     try:

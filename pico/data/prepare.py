@@ -1,4 +1,5 @@
-"""Raw text → shuffled parquet shards of seq_len + 1 tokens: `python -m pico.data.prepare --input ... --out DIR`."""
+"""Raw text → shuffled parquet shards of seq_len + 1 tokens:
+`python -m pico.data.prepare --input ... --out DIR`."""
 
 import argparse
 import glob
@@ -23,7 +24,8 @@ STATS_FILE = "stats.json"
 
 
 def iter_documents(inputs: Iterable[str], text_column: str = "text", split: str = "train") -> Iterator[str]:
-    """Documents of text inputs: a `.txt` file is one document, a `.jsonl` line one document (its `text_column`).
+    """Documents of text inputs: a `.txt` file is one document, a `.jsonl` line one document
+    (its `text_column`).
 
     Directories are searched recursively for `.txt`/`.jsonl`, globs expand (sorted); an input that is none of
     these is a `datasets` id, streamed with `datasets.load_dataset(input, split=split, streaming=True)`.
@@ -91,7 +93,8 @@ def eos_id(tokenizer: Tokenizer, eos: str | None = None) -> int:
 
 
 def chunk(documents: list[np.ndarray], eos: int, row_len: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents with EOS after each, cut into rows of `row_len`; returns (rows, dropped tokens)."""
+    """Concatenate documents with EOS after each, cut into rows of `row_len`;
+    returns (rows, dropped tokens)."""
     stream = np.concatenate([np.append(d, eos) for d in documents] or [[]]).astype(np.int32)
     n_rows = len(stream) // row_len
     return stream[: n_rows * row_len].reshape(n_rows, row_len), len(stream) - n_rows * row_len
@@ -107,7 +110,8 @@ def unigram_entropy(rows: np.ndarray, vocab_size: int) -> float:
 def write_shards(
     rows: np.ndarray, out: Path, prefix: str, shards: int, row_group_size: int = 256
 ) -> list[Path]:
-    """Write `rows` (N, L) as `shards` parquet files `<prefix>-0000i-of-0000K.parquet`, `input_ids` list<int32>."""
+    """Write `rows` (N, L) as `shards` parquet files `<prefix>-0000i-of-0000K.parquet`,
+    `input_ids` list<int32>."""
     if len(rows) < shards:
         raise DataError(f"{out}: {len(rows)} rows cannot fill {shards} shards; use fewer shards or more text")
     out.mkdir(parents=True, exist_ok=True)
@@ -166,11 +170,12 @@ def prepare_dataset(
     row_group_size: int = 256,
     batch_documents: int = 256,
 ) -> dict:
-    """Tokenize documents, hold out whole documents for eval, and write `<out>/train` (and `<out>/eval`) shards.
+    """Tokenize documents, hold out whole documents for eval, and write `<out>/train`
+    (and `<out>/eval`) shards.
 
-    Each split: documents in input order, EOS appended to each, concatenated, cut into rows of seq_len + 1 tokens
-    (remainder dropped), rows shuffled with `seed`, written as parquet with `tokenizer.json` and `stats.json`.
-    Returns the stats of each split, {"train": {...}, "eval": {...}}.
+    Each split: documents in input order, EOS appended to each, concatenated, cut into rows of
+    seq_len + 1 tokens (remainder dropped), rows shuffled with `seed`, written as parquet with
+    `tokenizer.json` and `stats.json`. Returns the stats of each split, {"train": {...}, "eval": {...}}.
     """
     out, tokenizer_path = Path(out), Path(tokenizer)
     for split in ("train", "eval"):

@@ -1,4 +1,5 @@
-"""Parquet shards of token rows: path resolution (local or fsspec/Hub), the footer index, validated row-group reads."""
+"""Parquet shards of token rows: path resolution (local or fsspec/Hub), the footer index,
+validated row-group reads."""
 
 import glob
 import os
@@ -166,7 +167,8 @@ class RowGroupReader:
             )
         except Exception as e:  # corrupt pages, truncated files, network errors
             raise DataError(
-                f"{self.index.name(file)}: cannot read rows {first_row}..{first_row + int(self.index.rg_rows[g]) - 1} "
+                f"{self.index.name(file)}: cannot read rows "
+                f"{first_row}..{first_row + int(self.index.rg_rows[g]) - 1} "
                 f"({_one_line(e)})"
             ) from e
         rows = self._validate(table.column(0).combine_chunks(), file, first_row)
@@ -188,7 +190,8 @@ class RowGroupReader:
         return self._open[2]
 
     def _validate(self, column: pa.Array, file: int, first_row: int) -> np.ndarray:
-        """The rows as an array (rows, row_len), or a DataError `<file> row <r>: ...` for the first bad row."""
+        """The rows as an array (rows, row_len), or a DataError `<file> row <r>: ...` for the first
+        bad row."""
 
         def error(row: int, problem: str) -> DataError:
             return DataError(f"{self.index.name(file)} row {first_row + row}: {problem}")

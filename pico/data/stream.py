@@ -1,4 +1,5 @@
-"""TokenStream: a fixed global sample order, split into rank slices and micro-batches, resumable, prefetched."""
+"""TokenStream: a fixed global sample order, split into rank slices and micro-batches, resumable,
+prefetched."""
 
 import atexit
 import queue
@@ -16,7 +17,8 @@ _LIVE_STREAMS: "weakref.WeakSet[TokenStream]" = weakref.WeakSet()
 
 
 class SampleOrder:
-    """Maps (epoch, sample) to (row group, row): file order, or a seeded block shuffle reseeded every epoch."""
+    """Maps (epoch, sample) to (row group, row): file order, or a seeded block shuffle reseeded
+    every epoch."""
 
     def __init__(self, index: ShardIndex, shuffle_seed: int | None = None):
         self.index, self.seed = index, shuffle_seed
@@ -71,12 +73,14 @@ class TokenStream:
     ):
         if min(seq_len, batch_size, micro_batch_size, world_size) < 1 or not 0 <= rank < world_size:
             raise ValueError(
-                f"data: need seq_len, batch_size, micro_batch_size, world_size ≥ 1 and 0 ≤ rank < world_size, got "
+                f"data: need seq_len, batch_size, micro_batch_size, world_size ≥ 1 "
+                f"and 0 ≤ rank < world_size, got "
                 f"{seq_len=}, {batch_size=}, {micro_batch_size=}, {world_size=}, {rank=}"
             )
         if batch_size % (micro_batch_size * world_size):
             raise ValueError(
-                f"data.batch_size={batch_size} must be a multiple of data.micro_batch_size={micro_batch_size} "
+                f"data.batch_size={batch_size} must be a multiple of "
+                f"data.micro_batch_size={micro_batch_size} "
                 f"× world size {world_size}"
             )
         if prefetch < 0:
@@ -142,7 +146,8 @@ class TokenStream:
         return [next(self) for _ in range(self.accumulation_steps)]
 
     def state_dict(self) -> dict:
-        """Position after the micro-batches consumed so far, in global samples (world-size free at batch ends)."""
+        """Position after the micro-batches consumed so far, in global samples
+        (world-size free at batch ends)."""
         s, k = divmod(self._consumed, self.accumulation_steps)
         samples = s * self.batch_size + k * self.micro_batch_size * self.world_size
         return {
@@ -156,7 +161,8 @@ class TokenStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after the saved position; any world size / micro-batch size if saved at a global-batch end."""
+        """Continue after the saved position; any world size / micro-batch size if saved at a
+        global-batch end."""
         if state["num_samples"] != self.num_samples:
             raise DataError(
                 f"{self.path}: data state was saved on {state['num_samples']} samples, the data now has "
@@ -164,7 +170,8 @@ class TokenStream:
             )
         if state["shuffle_seed"] != self.shuffle_seed:
             raise ValueError(
-                f"data state was saved with shuffle_seed={state['shuffle_seed']}, stream has {self.shuffle_seed}"
+                f"data state was saved with shuffle_seed={state['shuffle_seed']}, "
+                f"stream has {self.shuffle_seed}"
             )
         samples = state["samples"]
         if samples % self.batch_size == 0:
@@ -175,7 +182,8 @@ class TokenStream:
         else:
             raise ValueError(
                 f"data state at sample {samples} is inside a global batch of {state['batch_size']} "
-                f"(micro_batch_size={state['micro_batch_size']}, world size {state['world_size']}); it restores "
+                f"(micro_batch_size={state['micro_batch_size']}, world size {state['world_size']}); "
+                f"it restores "
                 f"only with the same settings, not batch_size={self.batch_size}, "
                 f"micro_batch_size={self.micro_batch_size}, world size {self.world_size}"
             )
@@ -239,7 +247,8 @@ class TokenStream:
         return item
 
     def _stop_thread(self, timeout: float = 30.0) -> bool:
-        """Stop and join the prefetch thread, dropping what it read ahead; False if it did not stop in time."""
+        """Stop and join the prefetch thread, dropping what it read ahead; False if it did not stop
+        in time."""
         if self._thread is None:
             return True
         self._stop.set()
@@ -261,7 +270,8 @@ class TokenStream:
 
 
 def _prefetch(ref: "weakref.ref[TokenStream]", m: int, out: queue.Queue, stop: threading.Event) -> None:
-    """Prefetch thread: read micro-batches from number `m` on until stopped, the stream is dropped, or an error."""
+    """Prefetch thread: read micro-batches from number `m` on until stopped, the stream is dropped,
+    or an error."""
     while not stop.is_set():
         stream = ref()
         if stream is None:
@@ -284,7 +294,8 @@ def _close_live_streams() -> None:
 
 
 def read_batch(path: str, n: int, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
-    """The first `n` rows of `path` in file order as an int64 tensor (n, seq_len + 1), e.g. a fixed eval batch."""
+    """The first `n` rows of `path` in file order as an int64 tensor (n, seq_len + 1), e.g. a fixed
+    eval batch."""
     if n < 1:
         raise ValueError(f"read_batch: n must be ≥ 1, got {n}")
     index = build_index(path)
@@ -311,8 +322,9 @@ def iter_eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint per-rank `(inputs, labels)` batches of `batch_size` rows, ⌊N / (batch_size·W)⌋ on every rank.
 
-    Every rank yields the same number of batches; global batch s is rows [s·b·W, (s+1)·b·W) in file order and rank
-    r takes rows [s·b·W + r·b, s·b·W + (r+1)·b). The remainder of fewer than b·W rows is not evaluated.
+    Every rank yields the same number of batches; global batch s is rows [s·b·W, (s+1)·b·W) in file
+    order and rank r takes rows [s·b·W + r·b, s·b·W + (r+1)·b). The remainder of fewer than b·W rows
+    is not evaluated.
     """
     stream = TokenStream(
         path, seq_len, batch_size * world_size, batch_size, rank, world_size, vocab_size, prefetch=0

@@ -191,7 +191,8 @@ class PicoDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PicoDecoder:
-        """Load (fp32, CPU) a model saved by save_pretrained, or a LlamaForCausalLM checkpoint saved by transformers."""
+        """Load (fp32, CPU) a model saved by save_pretrained, or a LlamaForCausalLM checkpoint saved
+        by transformers."""
         config, state_dict = hf.load_pretrained(directory)
         with torch.device("meta"):
             model = cls(config)

@@ -54,7 +54,8 @@ _LAYER_NAMES_INVERSE = {v: k for k, v in _LAYER_NAMES.items()}
 
 
 def pico_to_llama_name(name: str) -> str:
-    """Llama name of a pico parameter, e.g. layers.0.swiglu.w_0.weight -> model.layers.0.mlp.gate_proj.weight."""
+    """Llama name of a pico parameter,
+    e.g. layers.0.swiglu.w_0.weight -> model.layers.0.mlp.gate_proj.weight."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -90,7 +91,8 @@ def export_problem(model: nn.Module) -> str | None:
 def llama_config(
     config: PicoDecoderConfig, dtype: torch.dtype = torch.float32, **special_tokens: int
 ) -> dict:
-    """The LlamaConfig fields (config.json) describing a pico architecture; `special_tokens` e.g. eos_token_id."""
+    """The LlamaConfig fields (config.json) describing a pico architecture; `special_tokens`
+    e.g. eos_token_id."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -171,7 +173,8 @@ def expected_shapes(config: PicoDecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
-    """Raise a one-line ValueError unless state_dict has exactly the pico parameters of config, shapes included."""
+    """Raise a one-line ValueError unless state_dict has exactly the pico parameters of config,
+    shapes included."""
     expected = expected_shapes(config)
     for name in state_dict:
         if name not in expected:
@@ -191,7 +194,8 @@ def save_pretrained(
     directory: str | Path,
     **special_tokens: int,
 ):
-    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in pico names.
+    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in
+    pico names.
 
     A module is checked with `export_problem` first; `special_tokens` (bos_token_id, eos_token_id) go to
     config.json so that `generate` stops at EOS.
@@ -217,7 +221,8 @@ def save_pretrained(
 
 
 def special_token_ids(tokenizer: Path) -> dict[str, int]:
-    """bos/eos token ids for config.json: a `tokenizer.json`'s first special token, as pico's tokenizers use it."""
+    """bos/eos token ids for config.json: a `tokenizer.json`'s first special token, as pico's
+    tokenizers use it."""
     special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
     return {"bos_token_id": special[0]["id"], "eos_token_id": special[0]["id"]} if special else {}
 
@@ -248,7 +253,8 @@ def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor]]:
-    """The pico config and state dict (pico names) of a Llama-layout directory: ours or one transformers saved."""
+    """The pico config and state dict (pico names) of a Llama-layout directory: ours or one
+    transformers saved."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():

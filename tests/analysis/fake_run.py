@@ -35,7 +35,8 @@ def make_run(
     nan: tuple[int, str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write `run_dir/checkpoints/step_<N>/{model/config.json, learning_dynamics/*.safetensors}` for each step.
+    """Write `run_dir/checkpoints/step_<N>/{model/config.json, learning_dynamics/*.safetensors}`
+    for each step.
 
     Tensors drift smoothly with the step. `nan=(step, key)` puts a NaN into that tensor. A `step_5/` with a
     model but no learning_dynamics/ is written too, which analysis must skip.

@@ -1,4 +1,5 @@
-"""TokenStream: world-size-free order, the rank/micro-batch split, resume, I/O locality, wrap, fsspec paths."""
+"""TokenStream: world-size-free order, the rank/micro-batch split, resume, I/O locality, wrap,
+fsspec paths."""
 
 import gc
 import subprocess
@@ -26,7 +27,8 @@ SEQ = ROW_LEN - 1
 
 
 def global_batches(path, batch_size, micro_batch_size, world_size, n_batches, **kw) -> list[list[int]]:
-    """Row numbers of the first global batches, reassembled from simulated ranks (rank-major, then micro-batch)."""
+    """Row numbers of the first global batches, reassembled from simulated ranks
+    (rank-major, then micro-batch)."""
     streams = [
         TokenStream(path, SEQ, batch_size, micro_batch_size, r, world_size, **kw) for r in range(world_size)
     ]

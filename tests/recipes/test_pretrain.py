@@ -96,7 +96,8 @@ def test_run_directory_follows_the_documented_layout(single):
 
 
 def test_learning_dynamics_follow_the_w_n_rule(single, data):
-    """step_N's weights are W_N, its train split is the batch of update N+1 and its input_ids are that batch."""
+    """step_N's weights are W_N, its train split is the batch of update N+1 and its input_ids are
+    that batch."""
     model_w = weights(single, 3)
     ld = load_file(single / "checkpoints" / "step_3" / "learning_dynamics" / "weights.safetensors")
     torch.testing.assert_close(
