@@ -45,8 +45,15 @@ class Item:
     field: str | None = None  # BLiMP field
 
 
+def _need_two(task: str, where: str, n: int) -> None:
+    """Raise unless a document has at least two choices."""
+    if n < 2:
+        raise TaskError(f"{task}: {where}: {n} choice(s), need at least two")
+
+
 def _gold(task: str, where: str, value, n: int) -> int:
-    """A gold index that must lie in [0, n)."""
+    """A gold index that must lie in [0, n), of a document with n ≥ 2 choices."""
+    _need_two(task, where, n)
     index = int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
     if index is None or not 0 <= index < n:
         raise TaskError(f"{task}: {where}: gold label {value!r} out of range for {n} choices")
@@ -69,6 +76,7 @@ def hellaswag_item(task: str, doc: dict, where: str) -> Item:
 def arc_item(task: str, doc: dict, where: str) -> Item:
     """"Question: <q>\\nAnswer:" → choices.text; gold = position of answerKey in choices.label."""
     labels = list(doc["choices"]["label"])
+    _need_two(task, where, len(labels))
     if doc["answerKey"] not in labels:
         raise TaskError(f"{task}: {where}: gold label {doc['answerKey']!r} out of range for choices {labels}")
     return Item(f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), labels.index(doc["answerKey"]))
@@ -207,8 +215,7 @@ def load_choice_task(name: str, path: str | None, limit: int | None, batch_size:
             item = task.item(name, doc, where)
         except (KeyError, TypeError, AttributeError) as e:
             raise TaskError(f"{name}: {where}: malformed document ({type(e).__name__}: {e})") from e
-        if len(item.choices) < 2:
-            raise TaskError(f"{name}: {where}: {len(item.choices)} choice(s), need at least two")
+        _need_two(name, where, len(item.choices))
         for i, choice in enumerate(item.choices):
             context, continuation = encoder.pair(item.context, " " + choice)
             if not 1 <= len(continuation) <= max_length:
