@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint on downstream tasks, scored as lm-evaluation-harness scores them; prints a table, writes JSON.
+"""Evaluate a checkpoint on downstream tasks as lm-evaluation-harness scores them; prints a table + JSON.
 
     python recipes/evaluate.py --model runs/demo/checkpoints/step_300 --task blimp=data/blimp --task hellaswag
-    ./torchrun.sh recipes/evaluate.py --model <step dir | HF model dir | Hub id> --task paloma=data/eval --limit 100
+    ./torchrun.sh recipes/evaluate.py --model <step dir | HF dir | Hub id> --task paloma=data/eval --limit 100
 
-Each rank holds the whole model and scores its share of the batches; rank 0 prints and writes. Bad input exits 2.
+Each rank holds the whole model and scores its share of the batches; rank 0 prints, writes.
+Bad input exits 2.
 """
 
 import argparse
@@ -32,7 +33,9 @@ def model_dir(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, auth
-        raise ValueError(f"--model {model}: not a local dir, and the Hub download failed ({type(e).__name__})") from e
+        raise ValueError(
+            f"--model {model}: not a local dir, and the Hub download failed ({type(e).__name__})"
+        ) from e
 
 
 def task_spec(text: str, limit: int | None, batch_size: int | None) -> TaskSpec:
@@ -45,8 +48,13 @@ def main() -> int:
     """Parse, load the model and tasks (exit 2 on bad input), evaluate, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="step dir, HF model dir or Hub id")
-    parser.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
-                        help=f"one of {', '.join(TASK_NAMES)}; PATH: jsonl/parquet file or dir (default: the Hub)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME[=PATH]",
+        help=f"one of {', '.join(TASK_NAMES)}; PATH: jsonl/parquet file or dir (default: the Hub)",
+    )
     parser.add_argument("--limit", type=int, help="first N documents of each task (BLiMP: of each paradigm)")
     parser.add_argument("--batch-size", type=int, help="rows per forward (default: 16384 tokens per batch)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])

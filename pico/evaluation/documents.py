@@ -1,4 +1,4 @@
-"""Task documents from local jsonl/parquet files (a file or a directory of them) or a Hugging Face dataset id."""
+"""Task documents from local jsonl/parquet files (a file or a directory of them) or a Hub dataset id."""
 
 from __future__ import annotations
 
@@ -59,16 +59,21 @@ def local_documents(task: str, path: str) -> list[tuple[dict, str]]:
     return documents
 
 
-def hub_documents(task: str, dataset: str, config: str | None, split: str, limit: int | None) -> list[tuple[dict, str]]:
-    """(record, "<id> row <i>") of the first `limit` records of a Hub dataset split, loaded with `datasets`."""
+def hub_documents(
+    task: str, dataset: str, config: str | None, split: str, limit: int | None
+) -> list[tuple[dict, str]]:
+    """(record, "<id> row <i>") of the first `limit` records of a Hub dataset split (`datasets`)."""
     import datasets
 
     where = dataset if config is None else f"{dataset} ({config})"
     try:
-        records = datasets.load_dataset(dataset, config, split=split if limit is None else f"{split}[:{limit}]")
+        records = datasets.load_dataset(
+            dataset, config, split=split if limit is None else f"{split}[:{limit}]"
+        )
     except Exception as e:  # offline, unknown id, network or auth errors
-        raise TaskError(f"{task}: {where}: no such local path, and Hub split {split} does not load "
-                        f"({_one_line(e)})") from e
+        raise TaskError(
+            f"{task}: {where}: no such local path, and Hub split {split} does not load ({_one_line(e)})"
+        ) from e
     if len(records) == 0:
         raise TaskError(f"{task}: Hub dataset {where} split {split} has no documents")
     return [(record, f"{where} row {row}") for row, record in enumerate(records)]

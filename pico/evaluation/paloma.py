@@ -50,7 +50,9 @@ def _source_column(index) -> str | None:
     name = next((n for n in SOURCE_COLUMNS if n in names), names[0])
     for file, schema in enumerate(schemas):
         if name not in schema.names:
-            raise TaskError(f"paloma: {index.name(file)}: no source column {name!r} (the first shard has one)")
+            raise TaskError(
+                f"paloma: {index.name(file)}: no source column {name!r} (the first shard has one)"
+            )
     return name
 
 
@@ -71,7 +73,7 @@ def _sources(index, name: str, rows: int) -> list[str]:
 
 @dataclass
 class PalomaTask:
-    """Rows of seq_len + 1 tokens, each scored as continuation row[1:] of context row[:1], with optional sources."""
+    """Rows of seq_len + 1 tokens, each scored as continuation row[1:] given row[:1]; optional sources."""
 
     source: str
     requests: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)
@@ -81,13 +83,18 @@ class PalomaTask:
     name: str = "paloma"
 
     def aggregate(self, lls: torch.Tensor) -> dict:
-        """loss/perplexity over all tokens; with sources, per source and their macro average (Paloma's convention)."""
+        """loss/perplexity over all tokens; with sources, per source and their macro average (Paloma)."""
         tokens = np.array([len(c) for _, c in self.requests], dtype=np.float64)  # (R,)
         nll = -lls.numpy()  # (R,)
 
         def summary(rows) -> dict:
             loss = float(nll[rows].sum() / tokens[rows].sum())
-            return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(tokens[rows].sum()), "n": len(rows)}
+            return {
+                "loss": loss,
+                "perplexity": math.exp(loss),
+                "tokens": int(tokens[rows].sum()),
+                "n": len(rows),
+            }
 
         result = summary(np.arange(len(nll)))
         if self.sources is None:
@@ -100,7 +107,7 @@ class PalomaTask:
 
 
 def load_paloma(path: str | None, seq_len: int, limit: int | None, batch_size: int | None) -> PalomaTask:
-    """The first `limit` rows (all without one) of a pretokenized parquet eval set, and their sources if named."""
+    """The first `limit` rows (all without one) of a pretokenized parquet eval set, with their sources."""
     path = path or DEFAULT_DATASET
     try:
         index = build_index(path)

@@ -1,4 +1,4 @@
-"""The task suite: configure (TaskSpec), load and validate before training (load_tasks), run (evaluate_tasks)."""
+"""The task suite: configure (TaskSpec), load and validate before training (load_tasks), run them."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ class TaskSpec:
     batch_size: int | None = None
 
 
-def load_tasks(specs: list[TaskSpec], tokenizer: Tokenizer | str | Path | None,
-               seq_len: int) -> list[PalomaTask | ChoiceTask]:
-    """Read, validate and tokenize every task's documents; any problem raises a one-line TaskError (ValueError).
+def load_tasks(
+    specs: list[TaskSpec], tokenizer: Tokenizer | str | Path | None, seq_len: int
+) -> list[PalomaTask | ChoiceTask]:
+    """Read, validate and tokenize every task's documents; a problem raises a one-line TaskError (ValueError).
 
-    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (only paloma needs none);
+    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (paloma needs none);
     `seq_len` is the longest input the model takes (paloma's rows hold seq_len + 1 tokens).
     """
     names = [spec.name for spec in specs]
@@ -46,15 +47,25 @@ def load_tasks(specs: list[TaskSpec], tokenizer: Tokenizer | str | Path | None,
     encoder = None
     if any(name != "paloma" for name in names):
         if tokenizer is None:
-            raise TaskError(f"{', '.join(n for n in names if n != 'paloma')}: need a tokenizer (tokenizer.json)")
+            raise TaskError(
+                f"{', '.join(n for n in names if n != 'paloma')}: need a tokenizer (tokenizer.json)"
+            )
         encoder = load_encoder(tokenizer)
-    return [load_paloma(spec.path, seq_len, spec.limit, spec.batch_size) if spec.name == "paloma" else
-            load_choice_task(spec.name, spec.path, spec.limit, spec.batch_size, encoder, seq_len) for spec in specs]
+    return [
+        load_paloma(spec.path, seq_len, spec.limit, spec.batch_size)
+        if spec.name == "paloma"
+        else load_choice_task(spec.name, spec.path, spec.limit, spec.batch_size, encoder, seq_len)
+        for spec in specs
+    ]
 
 
-def evaluate_tasks(model: torch.nn.Module, tasks: list[PalomaTask | ChoiceTask], device: torch.device,
-                   precision: str = "fp32") -> dict[str, dict]:
-    """{task: metrics} of every loaded task; a collective under torch.distributed, the same dict on every rank."""
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tasks: list[PalomaTask | ChoiceTask],
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, dict]:
+    """{task: metrics} of every loaded task; a collective under torch.distributed, same dict on all ranks."""
     results = {}
     for task in tasks:
         lls = score_requests(model, task.requests, device, task.max_length, task.batch_size, precision)
@@ -63,10 +74,14 @@ def evaluate_tasks(model: torch.nn.Module, tasks: list[PalomaTask | ChoiceTask],
 
 
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset or field>/<metric> (no counts)."""
+    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset or field>/<metric>, no counts."""
+
     def numbers(prefix: str, metrics: dict) -> dict[str, float]:
-        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()
-                if k not in ("n", "tokens") and isinstance(v, (int, float))}
+        return {
+            f"{prefix}/{k}": float(v)
+            for k, v in metrics.items()
+            if k not in ("n", "tokens") and isinstance(v, (int, float))
+        }
 
     flat = {}
     for task, metrics in results.items():

@@ -20,7 +20,7 @@ class Encoder:
         self.prefix_text = tokenizer.decode([prefix_id], skip_special_tokens=False)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
-        """Token ids of `text`; the tokenizer's special tokens are added unless it already starts with the prefix."""
+        """Token ids of `text`; special tokens added unless `text` starts with the prefix."""
         special = special and not text.startswith(self.prefix_text)
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
@@ -36,7 +36,7 @@ class Encoder:
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole, head = self.encode(context + continuation), self.encode(context)
-        return head, whole[len(head):]
+        return head, whole[len(head) :]
 
 
 def _token_name(value) -> str | None:
@@ -45,7 +45,7 @@ def _token_name(value) -> str | None:
 
 
 def load_encoder(tokenizer: Tokenizer | str | Path) -> Encoder:
-    """An Encoder from a Tokenizer, a tokenizer.json or a model dir holding one (with its tokenizer_config.json).
+    """An Encoder from a Tokenizer, a tokenizer.json or a model dir holding one (+ tokenizer_config.json).
 
     The prefix is the BOS token of tokenizer_config.json / special_tokens_map.json, else their EOS token, else
     (pico's convention, as its exported model dirs) the tokenizer's first special token.
@@ -56,9 +56,14 @@ def load_encoder(tokenizer: Tokenizer | str | Path) -> Encoder:
         folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
         if not file.is_file():
             raise TaskError(f"tokenizer: {file} does not exist")
-        for extra in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        for extra in (
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+        ):  # the latter wins, as in transformers
             if (folder / extra).is_file():
-                names.update({k: v for k, v in json.loads((folder / extra).read_text()).items() if v is not None})
+                names.update(
+                    {k: v for k, v in json.loads((folder / extra).read_text()).items() if v is not None}
+                )
         tokenizer = Tokenizer.from_file(str(file))
     for key in ("bos_token", "eos_token"):
         name = _token_name(names.get(key))

@@ -17,8 +17,22 @@ from pico.model import PicoDecoder, PicoDecoderConfig
 SEQ_LEN = 128  # shorter than TruthfulQA's primer, so its left truncation is compared too
 NAMES = ["Mara", "the old sailor", "a quiet baker", "two tall farmers", "the painter", "my neighbour"]
 VERBS = ["carries", "paints", "finds", "lifts", "watches", "repairs", "sells", "hides"]
-THINGS = ["a blue kettle", "the broken fence", "seven lanterns", "the wooden boat", "some fresh bread", "a map"]
-PLACES = ["near the harbour", "in the garden", "at dawn", "under the bridge", "behind the mill", "on the hill"]
+THINGS = [
+    "a blue kettle",
+    "the broken fence",
+    "seven lanterns",
+    "the wooden boat",
+    "some fresh bread",
+    "a map",
+]
+PLACES = [
+    "near the harbour",
+    "in the garden",
+    "at dawn",
+    "under the bridge",
+    "behind the mill",
+    "on the hill",
+]
 
 
 def sentence(rng: random.Random) -> str:
@@ -32,8 +46,16 @@ def blimp_docs(uid: str, field: str, n: int, rng: random.Random, pair_key: str =
     for i in range(n):
         good = sentence(rng)
         verb = next(v for v in VERBS if f" {v} " in good)
-        docs.append({"sentence_good": good, "sentence_bad": good.replace(f" {verb} ", f" {verb[:-1]} ", 1),
-                     "field": field, "linguistics_term": "agreement", "UID": uid, pair_key: i})
+        docs.append(
+            {
+                "sentence_good": good,
+                "sentence_bad": good.replace(f" {verb} ", f" {verb[:-1]} ", 1),
+                "field": field,
+                "linguistics_term": "agreement",
+                "UID": uid,
+                pair_key: i,
+            }
+        )
     return docs
 
 
@@ -44,10 +66,20 @@ def hellaswag_docs(n: int, rng: random.Random) -> list[dict]:
         endings = [sentence(rng).lower() for _ in range(4)]
         if i % 3 == 0:
             endings[1] = "[header] " + endings[1] + " [title] then rest"
-        docs.append({"ind": i, "activity_label": rng.choice(["Baking", "Sailing", "Painting a fence"]),
-                     "ctx_a": sentence(rng) + (" [title] Step one." if i % 4 == 0 else ""),
-                     "ctx_b": rng.choice(["then", "he", "she  slowly"]), "ctx": "", "endings": endings,
-                     "source_id": f"invented~{i}", "split": "val", "split_type": "indomain", "label": str(i % 4)})
+        docs.append(
+            {
+                "ind": i,
+                "activity_label": rng.choice(["Baking", "Sailing", "Painting a fence"]),
+                "ctx_a": sentence(rng) + (" [title] Step one." if i % 4 == 0 else ""),
+                "ctx_b": rng.choice(["then", "he", "she  slowly"]),
+                "ctx": "",
+                "endings": endings,
+                "source_id": f"invented~{i}",
+                "split": "val",
+                "split_type": "indomain",
+                "label": str(i % 4),
+            }
+        )
     return docs
 
 
@@ -57,9 +89,14 @@ def arc_docs(n: int, rng: random.Random) -> list[dict]:
     for i in range(n):
         k = 3 + i % 3
         labels = [str(j + 1) for j in range(k)] if i % 4 == 3 else [chr(65 + j) for j in range(k)]
-        docs.append({"id": f"Invented_{i}", "question": f"Who {rng.choice(VERBS)} {rng.choice(THINGS)}?",
-                     "choices": {"text": [rng.choice(NAMES) for _ in range(k)], "label": labels},
-                     "answerKey": labels[i % k]})
+        docs.append(
+            {
+                "id": f"Invented_{i}",
+                "question": f"Who {rng.choice(VERBS)} {rng.choice(THINGS)}?",
+                "choices": {"text": [rng.choice(NAMES) for _ in range(k)], "label": labels},
+                "answerKey": labels[i % k],
+            }
+        )
     return docs
 
 
@@ -69,9 +106,13 @@ def truthfulqa_docs(n: int, rng: random.Random) -> list[dict]:
     for i in range(n):
         mc1 = [sentence(rng) for _ in range(2 + i % 4)]
         mc2 = [sentence(rng) for _ in range(3 + i % 3)]
-        docs.append({"question": f"Where does {rng.choice(NAMES)} go {rng.choice(PLACES)}?",
-                     "mc1_targets": {"choices": mc1, "labels": [1] + [0] * (len(mc1) - 1)},
-                     "mc2_targets": {"choices": mc2, "labels": [1, 1] + [0] * (len(mc2) - 2)}})
+        docs.append(
+            {
+                "question": f"Where does {rng.choice(NAMES)} go {rng.choice(PLACES)}?",
+                "mc1_targets": {"choices": mc1, "labels": [1] + [0] * (len(mc1) - 1)},
+                "mc2_targets": {"choices": mc2, "labels": [1, 1] + [0] * (len(mc2) - 2)},
+            }
+        )
     return docs
 
 
@@ -105,12 +146,17 @@ def texts_of(records: list[dict]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> dict:
-    """Data files of every task, and an exported model dir (weights + tokenizer) of a tiny random pico decoder."""
+    """Data files of every task, and the exported model dir (weights + tokenizer) of a tiny random decoder."""
     root = tmp_path_factory.mktemp("evaluation")
     rng = random.Random(0)
     blimp_a = blimp_docs("invented_agreement", "morphology", 14, rng)
     blimp_b = blimp_docs("invented_agreement_2", "syntax", 10, rng, pair_key="pairID")  # original BLiMP key
-    hellaswag, arc_e, arc_c, tqa = hellaswag_docs(20, rng), arc_docs(20, rng), arc_docs(12, rng), truthfulqa_docs(12, rng)
+    hellaswag, arc_e, arc_c, tqa = (
+        hellaswag_docs(20, rng),
+        arc_docs(20, rng),
+        arc_docs(12, rng),
+        truthfulqa_docs(12, rng),
+    )
     files = {
         "blimp": root / "blimp",
         "blimp_a": write_jsonl(root / "blimp" / "a.jsonl", blimp_a),
@@ -124,8 +170,15 @@ def workspace(tmp_path_factory) -> dict:
     texts = texts_of(blimp_a + blimp_b + hellaswag + arc_e + arc_c + tqa) + [TRUTHFULQA_PRIMER]
     tokenizer = train_tokenizer(texts, vocab_size=384)
     tokenizer.save(str(root / "tokenizer.json"))
-    config = PicoDecoderConfig(d_model=32, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
-                               activation_hidden_dim=64, vocab_size=tokenizer.get_vocab_size(), max_seq_len=SEQ_LEN)
+    config = PicoDecoderConfig(
+        d_model=32,
+        n_layers=2,
+        attention_n_heads=4,
+        attention_n_kv_heads=2,
+        activation_hidden_dim=64,
+        vocab_size=tokenizer.get_vocab_size(),
+        max_seq_len=SEQ_LEN,
+    )
     torch.manual_seed(0)
     model = PicoDecoder(config)
     with torch.no_grad():  # larger weights than the init: confident, well-separated choices

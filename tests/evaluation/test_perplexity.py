@@ -1,4 +1,4 @@
-"""pico.evaluation.perplexity: the value, sharding over real ranks, and FSDP2 weights after a no-grad forward."""
+"""pico.evaluation.perplexity: the value, sharding over real ranks, FSDP2 weights after no-grad forward."""
 
 import math
 
@@ -10,22 +10,31 @@ from pico.evaluation import perplexity
 from pico.model import PicoDecoder, PicoDecoderConfig
 from tests.distributed import run_distributed_test
 
-CFG = PicoDecoderConfig(d_model=32, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
-                        activation_hidden_dim=64, vocab_size=64, max_seq_len=16)
+CFG = PicoDecoderConfig(
+    d_model=32,
+    n_layers=2,
+    attention_n_heads=4,
+    attention_n_kv_heads=2,
+    activation_hidden_dim=64,
+    vocab_size=64,
+    max_seq_len=16,
+)
 
 
 def model_and_batches(n_batches=4, batch=2):
     torch.manual_seed(0)
     model = PicoDecoder(CFG)
     ids = torch.randint(0, 64, (n_batches * batch, 9), generator=torch.Generator().manual_seed(1))
-    return model, [(ids[i:i + batch, :-1], ids[i:i + batch, 1:]) for i in range(0, len(ids), batch)]
+    return model, [(ids[i : i + batch, :-1], ids[i : i + batch, 1:]) for i in range(0, len(ids), batch)]
 
 
 def test_perplexity_is_exp_of_mean_token_loss():
     model, batches = model_and_batches()
     result = perplexity(model, batches, torch.device("cpu"))
     with torch.no_grad():
-        losses = torch.cat([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") for x, y in batches])
+        losses = torch.cat(
+            [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") for x, y in batches]
+        )
     assert result["tokens"] == losses.numel() == 4 * 2 * 8
     assert math.isclose(result["loss"], losses.double().mean().item(), rel_tol=1e-6)
     assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-12)
@@ -36,8 +45,9 @@ def _sharded(strategy):
 
     model, batches = model_and_batches()
     with torch.no_grad():  # every rank, all batches, unsharded
-        reference = torch.cat([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
-                               for x, y in batches]).double()
+        reference = torch.cat(
+            [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") for x, y in batches]
+        ).double()
     rank = dist.get_rank()
     model = parallelize(model, strategy, 2, torch.device("cpu"))
     result = perplexity(model, batches[rank::2], torch.device("cpu"))
@@ -52,6 +62,7 @@ def test_perplexity_sharded_over_two_ranks_equals_one_process():
 
 def _no_stale_weights_after_eval():
     """Train, evaluate between backward and step, train again: equals the same run without the evaluation."""
+
     def run(evaluate):
         model, batches = model_and_batches()
         model = parallelize(model, "fsdp", 2, torch.device("cpu"))
