@@ -56,7 +56,7 @@ def main() -> int:
         help=f"one of {', '.join(TASK_NAMES)}; PATH: jsonl/parquet file or dir (default: the Hub)",
     )
     parser.add_argument("--limit", type=int, help="first N documents of each task (BLiMP: of each paradigm)")
-    parser.add_argument("--batch-size", type=int, help="rows per forward (default: 16384 tokens per batch)")
+    parser.add_argument("--batch-size", type=int, help="rows per forward (default: 4096 tokens per batch)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pico.distributed import all_reduce_sum, autocast, reshard
 
-TOKENS_PER_BATCH = 16384  # padded tokens per forward when a task sets no batch_size
+TOKENS_PER_BATCH = 4096  # padded tokens per forward when a task sets no batch_size
 
 
 def plan_batches(lengths: list[int], batch_size: int | None = None) -> list[list[int]]:
