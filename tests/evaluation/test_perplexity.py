@@ -1,5 +1,4 @@
-"""pico.evaluation.perplexity: the value, sharding over real ranks, and FSDP2 weights after a
-no-grad forward."""
+"""pico.evaluation.perplexity: the value, sharding over real ranks, FSDP2 weights after no-grad forward."""
 
 import math
 

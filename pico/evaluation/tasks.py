@@ -1,0 +1,266 @@
+"""Multiple-choice tasks (BLiMP, HellaSwag, ARC, TruthfulQA): prompts and metrics as lm-evaluation-harness's.
+
+Each document becomes a context and k ≥ 2 choices; choice i is scored as the continuation " " + choice_i.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pico.evaluation.documents import hub_configs, hub_documents, is_hub_id, local_documents, require
+from pico.evaluation.tokens import Encoder, TaskError
+
+# TruthfulQA's six-shot QA primer, as the harness's truthfulqa_mc1/mc2 prompt carries it.
+TRUTHFULQA_PRIMER = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+
+
+@dataclass
+class Item:
+    """One document as a multiple-choice question: `gold` indexes `choices`, `labels` marks mc2's truths."""
+
+    context: str
+    choices: list[str]
+    gold: int = 0
+    labels: list[int] | None = None
+    subset: str | None = None  # BLiMP paradigm (UID)
+    field: str | None = None  # BLiMP field
+
+
+def _need_two(task: str, where: str, n: int) -> None:
+    """Raise unless a document has at least two choices."""
+    if n < 2:
+        raise TaskError(f"{task}: {where}: {n} choice(s), need at least two")
+
+
+def _gold(task: str, where: str, value, n: int) -> int:
+    """A gold index that must lie in [0, n), of a document with n ≥ 2 choices."""
+    _need_two(task, where, n)
+    index = int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
+    if index is None or not 0 <= index < n:
+        raise TaskError(f"{task}: {where}: gold label {value!r} out of range for {n} choices")
+    return index
+
+
+def _hellaswag_clean(text: str) -> str:
+    """The harness's HellaSwag preprocessing: strip, " [title]" → ". ", drop [tags], fold double spaces."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_item(task: str, doc: dict, where: str) -> Item:
+    """ "<activity>: <ctx_a> <Ctx_b>" → one of four endings; gold = label."""
+    context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+    choices = [_hellaswag_clean(ending) for ending in doc["endings"]]
+    return Item(context, choices, _gold(task, where, doc["label"], len(choices)))
+
+
+def arc_item(task: str, doc: dict, where: str) -> Item:
+    """ "Question: <q>\\nAnswer:" → choices.text; gold = position of answerKey in choices.label."""
+    labels = list(doc["choices"]["label"])
+    _need_two(task, where, len(labels))
+    if doc["answerKey"] not in labels:
+        raise TaskError(f"{task}: {where}: gold label {doc['answerKey']!r} out of range for choices {labels}")
+    return Item(
+        f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), labels.index(doc["answerKey"])
+    )
+
+
+def truthfulqa_item(targets: str):
+    """TruthfulQA: primer + "\\n\\nQ: <q>\\nA:" → `targets`.choices; mc1's gold is choice 0."""
+
+    def item(task: str, doc: dict, where: str) -> Item:
+        choices, labels = list(doc[targets]["choices"]), list(doc[targets]["labels"])
+        if len(labels) != len(choices) or any(label not in (0, 1) for label in labels):
+            raise TaskError(f"{task}: {where}: {targets}.labels must be one 0/1 per choice, got {labels}")
+        context = TRUTHFULQA_PRIMER + "\n\nQ: " + doc["question"] + "\nA:"
+        return Item(context, choices, 0, labels)
+
+    return item
+
+
+def blimp_item(task: str, doc: dict, where: str) -> Item:
+    """Empty context (the prefix token) → [sentence_good, sentence_bad]; gold = 0."""
+    return Item(
+        "", [doc["sentence_good"], doc["sentence_bad"]], 0, subset=str(doc["UID"]), field=str(doc["field"])
+    )
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """Where a task's documents live on the Hub, the columns they need, and how one becomes an Item."""
+
+    dataset: str
+    config: str | None
+    split: str
+    columns: tuple[str, ...]
+    item: Callable[[str, dict, str], Item]  # (task, doc, where) -> Item
+    metrics: str  # "acc" (acc, acc_norm), "blimp", "mc1" or "mc2"
+
+
+TASKS = {
+    "blimp": TaskDef(
+        "nyu-mll/blimp", None, "train", ("sentence_good", "sentence_bad", "field", "UID"), blimp_item, "blimp"
+    ),
+    "hellaswag": TaskDef(
+        "Rowan/hellaswag",
+        None,
+        "validation",
+        ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+        hellaswag_item,
+        "acc",
+    ),
+    "arc_easy": TaskDef(
+        "allenai/ai2_arc", "ARC-Easy", "test", ("question", "choices", "answerKey"), arc_item, "acc"
+    ),
+    "arc_challenge": TaskDef(
+        "allenai/ai2_arc", "ARC-Challenge", "test", ("question", "choices", "answerKey"), arc_item, "acc"
+    ),
+    "truthfulqa_mc1": TaskDef(
+        "truthfulqa/truthful_qa",
+        "multiple_choice",
+        "validation",
+        ("question", "mc1_targets"),
+        truthfulqa_item("mc1_targets"),
+        "mc1",
+    ),
+    "truthfulqa_mc2": TaskDef(
+        "truthfulqa/truthful_qa",
+        "multiple_choice",
+        "validation",
+        ("question", "mc2_targets"),
+        truthfulqa_item("mc2_targets"),
+        "mc2",
+    ),
+}
+
+
+def _documents(name: str, spec_path: str | None, limit: int | None) -> tuple[str, list[tuple[dict, str]]]:
+    """The task's source (path or Hub id) and its (record, where) documents, limited (BLiMP: per UID)."""
+    task = TASKS[name]
+    per_uid = name == "blimp"
+    if spec_path is not None and not is_hub_id(spec_path):
+        documents = local_documents(name, spec_path)
+        if limit is not None and not per_uid:
+            documents = documents[:limit]
+        elif limit is not None:
+            seen, kept = defaultdict(int), []
+            for record, where in documents:
+                seen[record.get("UID")] += 1
+                if seen[record.get("UID")] <= limit:
+                    kept.append((record, where))
+            documents = kept
+        return spec_path, documents
+    dataset = spec_path or task.dataset
+    if per_uid:
+        return dataset, [
+            d
+            for config in hub_configs(name, dataset)
+            for d in hub_documents(name, dataset, config, task.split, limit)
+        ]
+    return dataset, hub_documents(name, dataset, task.config, task.split, limit)
+
+
+@dataclass
+class ChoiceTask:
+    """A loaded multiple-choice task: its items and one (context ids, continuation ids) request per choice."""
+
+    name: str
+    source: str
+    metrics: str
+    items: list[Item]
+    requests: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    max_length: int
+    batch_size: int | None = None
+
+    def aggregate(self, lls: torch.Tensor) -> dict:
+        """Metrics from the per-request log-likelihoods (R,), in request order."""
+        per_doc, start = [], 0
+        for item in self.items:
+            per_doc.append(lls[start : start + len(item.choices)].numpy())
+            start += len(item.choices)
+        if self.metrics == "mc1":
+            return {
+                "mc1": float(np.mean([np.argmax(ll) == item.gold for ll, item in zip(per_doc, self.items)])),
+                "n": len(self.items),
+            }
+        if self.metrics == "mc2":
+            return {
+                "mc2": float(np.mean([_true_mass(ll, item.labels) for ll, item in zip(per_doc, self.items)])),
+                "n": len(self.items),
+            }
+        correct = np.array([np.argmax(ll) == item.gold for ll, item in zip(per_doc, self.items)], dtype=float)
+        if self.metrics == "blimp":
+            return _blimp_metrics(correct, self.items)
+        lengths = [np.array([float(len(c)) for c in item.choices]) for item in self.items]
+        normed = np.array(
+            [np.argmax(ll / n) == item.gold for ll, n, item in zip(per_doc, lengths, self.items)]
+        )
+        return {"acc": float(correct.mean()), "acc_norm": float(normed.mean()), "n": len(self.items)}
+
+
+def _true_mass(ll: np.ndarray, labels: list[int]) -> float:
+    """mc2: probability mass of the true answers after normalising exp(ll) over all answers (softmax)."""
+    p = np.exp(ll - ll.max())
+    return float(p[np.array(labels) == 1].sum() / p.sum())
+
+
+def _blimp_metrics(correct: np.ndarray, items: list[Item]) -> dict:
+    """Accuracy per paradigm (UID), per field and overall as the mean over paradigms."""
+    by_uid, field_of = defaultdict(list), {}
+    for ok, item in zip(correct, items):
+        by_uid[item.subset].append(ok)
+        field_of[item.subset] = item.field
+    subsets = {uid: {"acc": float(np.mean(v)), "n": len(v)} for uid, v in sorted(by_uid.items())}
+    by_field = defaultdict(list)
+    for uid in subsets:
+        by_field[field_of[uid]].append(uid)
+    fields = {
+        f: {"acc": float(np.mean([subsets[u]["acc"] for u in uids])), "n": sum(subsets[u]["n"] for u in uids)}
+        for f, uids in sorted(by_field.items())
+    }
+    acc = float(np.mean([s["acc"] for s in subsets.values()]))
+    return {"acc": acc, "n": len(items), "subsets": subsets, "fields": fields}
+
+
+def load_choice_task(
+    name: str, path: str | None, limit: int | None, batch_size: int | None, encoder: Encoder, max_length: int
+) -> ChoiceTask:
+    """Read, validate and tokenize a multiple-choice task; every bad document raises a one-line TaskError."""
+    task = TASKS[name]
+    source, documents = _documents(name, path, limit)
+    items, requests = [], []
+    for doc, where in documents:
+        require(name, doc, where, task.columns)
+        try:
+            item = task.item(name, doc, where)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TaskError(f"{name}: {where}: malformed document ({type(e).__name__}: {e})") from e
+        _need_two(name, where, len(item.choices))
+        for i, choice in enumerate(item.choices):
+            context, continuation = encoder.pair(item.context, " " + choice)
+            if not 1 <= len(continuation) <= max_length:
+                raise TaskError(
+                    f"{name}: {where}: choice {i} has {len(continuation)} tokens, need 1..{max_length}"
+                )
+            requests.append((np.array(context, dtype=np.int64), np.array(continuation, dtype=np.int64)))
+        items.append(item)
+    return ChoiceTask(name, source, task.metrics, items, requests, max_length, batch_size)

@@ -1,0 +1,212 @@
+"""One-line errors naming task, file and row; recipes/evaluate.py: a step dir, torchrun, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pico.evaluation import TaskError, TaskSpec, evaluate_tasks, load_tasks
+from pico.model import from_pretrained
+from tests.evaluation.conftest import SEQ_LEN, arc_docs, hellaswag_docs, truthfulqa_docs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bad_files(tmp: Path) -> dict:
+    """name -> (TaskSpec, the message's expected fragment) for one defect each."""
+    import random
+
+    rng = random.Random(1)
+    hs, arc, tqa = hellaswag_docs(3, rng), arc_docs(3, rng), truthfulqa_docs(3, rng)
+    no_column = [{k: v for k, v in d.items() if k != "endings"} if i == 2 else d for i, d in enumerate(hs)]
+    one_choice = [dict(d, endings=d["endings"][:1]) if i == 1 else d for i, d in enumerate(hs)]
+    bad_label = [dict(d, label="7") if i == 2 else d for i, d in enumerate(hs)]
+    bad_key = [dict(d, answerKey="Z") if i == 1 else d for i, d in enumerate(arc)]
+    bad_mc2 = [
+        dict(d, mc2_targets={**d["mc2_targets"], "labels": [1]}) if i == 0 else d for i, d in enumerate(tqa)
+    ]
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "empty_dir").mkdir()
+    (tmp / "broken.jsonl").write_text(json.dumps(hs[0]) + "\n{not json\n")
+    return {
+        "unknown task": (TaskSpec("lambada"), "unknown task 'lambada'"),
+        "missing file": (TaskSpec("hellaswag", str(tmp / "nope.jsonl")), f"hellaswag: {tmp / 'nope.jsonl'}:"),
+        "empty file": (
+            TaskSpec("blimp", str(tmp / "empty.jsonl")),
+            f"blimp: {tmp / 'empty.jsonl'}: no documents",
+        ),
+        "empty dir": (TaskSpec("arc_easy", str(tmp / "empty_dir")), "arc_easy: "),
+        "bad json": (
+            TaskSpec("hellaswag", str(tmp / "broken.jsonl")),
+            f"{tmp / 'broken.jsonl'} row 1: not a JSON",
+        ),
+        "missing column": (
+            TaskSpec("hellaswag", str(write_jsonl(tmp / "c.jsonl", no_column))),
+            f"hellaswag: {tmp / 'c.jsonl'} row 2: missing column 'endings'",
+        ),
+        "one choice": (
+            TaskSpec("hellaswag", str(write_jsonl(tmp / "o.jsonl", one_choice))),
+            f"{tmp / 'o.jsonl'} row 1: 1 choice(s), need at least two",
+        ),
+        "gold out of range": (
+            TaskSpec("hellaswag", str(write_jsonl(tmp / "g.jsonl", bad_label))),
+            f"{tmp / 'g.jsonl'} row 2: gold label '7' out of range for 4 choices",
+        ),
+        "answerKey not a label": (
+            TaskSpec("arc_challenge", str(write_jsonl(tmp / "k.jsonl", bad_key))),
+            f"arc_challenge: {tmp / 'k.jsonl'} row 1: gold label 'Z' out of range",
+        ),
+        "mc2 labels": (
+            TaskSpec("truthfulqa_mc2", str(write_jsonl(tmp / "t.jsonl", bad_mc2))),
+            f"truthfulqa_mc2: {tmp / 't.jsonl'} row 0: mc2_targets.labels must be one 0/1 per choice",
+        ),
+        "paloma missing": (TaskSpec("paloma", str(tmp / "no_parquet")), "paloma: "),
+        "limit zero": (TaskSpec("arc_easy", limit=0), "arc_easy: limit must be ≥ 1"),
+        "twice": (TaskSpec("blimp"), "blimp: task listed more than once"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown task",
+        "missing file",
+        "empty file",
+        "empty dir",
+        "bad json",
+        "missing column",
+        "one choice",
+        "gold out of range",
+        "answerKey not a label",
+        "mc2 labels",
+        "paloma missing",
+        "limit zero",
+        "twice",
+    ],
+)
+def test_bad_input_raises_one_line_naming_task_file_and_row(workspace, tmp_path, case):
+    spec, fragment = bad_files(tmp_path)[case]
+    specs = [spec, spec] if case == "twice" else [spec]
+    with pytest.raises(TaskError) as error:
+        load_tasks(specs, workspace["model_dir"], SEQ_LEN)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_hub_dataset_unreachable_is_a_clean_error(workspace, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(
+        TaskError, match=r"^arc_easy: allenai/ai2_arc \(ARC-Easy\): .*Hub split test does not load"
+    ):
+        load_tasks([TaskSpec("arc_easy", limit=2)], workspace["model_dir"], SEQ_LEN)
+
+
+def test_tasks_other_than_paloma_need_a_tokenizer():
+    with pytest.raises(TaskError, match="^blimp, hellaswag: need a tokenizer"):
+        load_tasks([TaskSpec("blimp"), TaskSpec("hellaswag")], None, SEQ_LEN)
+
+
+def test_limit_takes_the_first_documents_and_blimp_limits_each_paradigm(workspace):
+    files = workspace["files"]
+    arc, blimp = load_tasks(
+        [
+            TaskSpec("arc_easy", str(files["arc_easy"]), limit=5),
+            TaskSpec("blimp", str(files["blimp"]), limit=4),
+        ],
+        workspace["model_dir"],
+        SEQ_LEN,
+    )
+    (full,) = load_tasks([TaskSpec("arc_easy", str(files["arc_easy"]))], workspace["model_dir"], SEQ_LEN)
+    assert arc.items == full.items[:5]
+    assert [i.subset for i in blimp.items] == ["invented_agreement"] * 4 + ["invented_agreement_2"] * 4
+
+
+def run_recipe(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """recipes/evaluate.py in a subprocess (2 gloo ranks under torchrun), pico from this worktree."""
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"
+    )
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, str(REPO / "recipes" / "evaluate.py"), *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def step_dir(workspace, tmp_path_factory) -> Path:
+    """A run's checkpoint step dir whose model/ is the exported model."""
+    step = tmp_path_factory.mktemp("run") / "checkpoints" / "step_10"
+    shutil.copytree(workspace["model_dir"], step / "model")
+    return step
+
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["one process", "torchrun 2 ranks"])
+def test_recipe_prints_a_table_and_writes_the_json(workspace, step_dir, tmp_path, torchrun):
+    files, output = workspace["files"], tmp_path / "results.json"
+    proc = run_recipe(
+        "--model",
+        str(step_dir),
+        "--task",
+        f"blimp={files['blimp']}",
+        "--task",
+        f"truthfulqa_mc2={files['truthfulqa_mc2']}",
+        "--limit",
+        "6",
+        "--output",
+        str(output),
+        torchrun=torchrun,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(output.read_text())
+    tasks = load_tasks(
+        [
+            TaskSpec("blimp", str(files["blimp"]), 6),
+            TaskSpec("truthfulqa_mc2", str(files["truthfulqa_mc2"]), 6),
+        ],
+        workspace["model_dir"],
+        SEQ_LEN,
+    )
+    expected = evaluate_tasks(from_pretrained(workspace["model_dir"]), tasks, torch.device("cpu"))
+    assert results["blimp"]["subsets"] == expected["blimp"]["subsets"] and results["blimp"]["n"] == 12
+    assert results["truthfulqa_mc2"]["mc2"] == pytest.approx(expected["truthfulqa_mc2"]["mc2"], abs=1e-12)
+    assert "blimp           | acc" in proc.stdout and "truthfulqa_mc2  | mc2" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "lambada"], "unknown task 'lambada'"),
+        (
+            ["--task", "hellaswag=/nonexistent/hs.jsonl"],
+            "hellaswag: /nonexistent/hs.jsonl: no such file or directory",
+        ),
+    ],
+)
+def test_recipe_exits_2_with_one_line_on_bad_input(step_dir, args, message):
+    proc = run_recipe("--model", str(step_dir), *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"evaluate.py: error: {message}")
+
+
+def test_recipe_rejects_a_model_path_that_is_no_model(tmp_path):
+    proc = run_recipe("--model", str(tmp_path), "--task", "blimp")
+    assert (
+        proc.returncode == 2
+        and "neither a step dir" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )

@@ -1,0 +1,128 @@
+"""paloma against perplexity(), per-source perplexity, and the same results on 1 and 2 ranks (DDP, FSDP2)."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pico.distributed import parallelize
+from pico.evaluation import TaskSpec, evaluate_tasks, flat_metrics, format_results, load_tasks, perplexity
+from pico.model import from_pretrained
+from tests.distributed import run_distributed_test
+from tests.evaluation.conftest import SEQ_LEN
+
+PALOMA_LEN = SEQ_LEN  # rows of SEQ_LEN + 1 tokens
+SOURCES = [
+    "c4_en",
+    "wikitext",
+    "c4_en",
+    "m2d2",
+    "wikitext",
+    "c4_en",
+    "c4_en",
+    "m2d2",
+    "c4_en",
+    "wikitext",
+    "m2d2",
+]
+
+
+def write_paloma(folder, vocab_size: int, sources: bool) -> tuple[str, np.ndarray]:
+    """Two shards of random token rows (fewer distinct ids for some sources), `source` column if asked."""
+    rng, kinds = np.random.default_rng(0), sorted(set(SOURCES))
+    ids = np.stack(
+        [rng.integers(0, vocab_size >> 2 * kinds.index(s), PALOMA_LEN + 1) for s in SOURCES]
+    )  # (N, T + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, rows in enumerate((slice(0, 6), slice(6, None))):
+        columns = {"input_ids": ids[rows].tolist()} | ({"source": SOURCES[rows]} if sources else {})
+        pq.write_table(pa.table(columns), folder / f"part-{part}.parquet", row_group_size=4)
+    return str(folder), ids
+
+
+def reference_perplexity(model, ids: np.ndarray) -> dict:
+    """perplexity() over the given rows, one row per batch."""
+    rows = torch.from_numpy(ids)
+    return perplexity(
+        model, [(rows[i : i + 1, :-1], rows[i : i + 1, 1:]) for i in range(len(rows))], torch.device("cpu")
+    )
+
+
+def test_paloma_without_sources_is_todays_perplexity(workspace, tmp_path):
+    model = from_pretrained(workspace["model_dir"])
+    path, ids = write_paloma(tmp_path / "plain", model.config.vocab_size, sources=False)
+    result = evaluate_tasks(
+        model, load_tasks([TaskSpec("paloma", path)], None, PALOMA_LEN), torch.device("cpu")
+    )
+    expected = reference_perplexity(model, ids)
+    assert result["paloma"]["tokens"] == expected["tokens"] == len(SOURCES) * PALOMA_LEN
+    assert result["paloma"]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert result["paloma"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert "subsets" not in result["paloma"] and result["paloma"]["n"] == len(SOURCES)
+
+
+def test_paloma_per_source_and_macro_average(workspace, tmp_path):
+    model = from_pretrained(workspace["model_dir"])
+    path, ids = write_paloma(tmp_path / "sources", model.config.vocab_size, sources=True)
+    result = evaluate_tasks(
+        model, load_tasks([TaskSpec("paloma", path, batch_size=3)], None, PALOMA_LEN), torch.device("cpu")
+    )["paloma"]
+    assert sorted(result["subsets"]) == ["c4_en", "m2d2", "wikitext"]
+    for source, got in result["subsets"].items():
+        rows = [i for i, s in enumerate(SOURCES) if s == source]
+        expected = reference_perplexity(model, ids[rows])
+        assert got["n"] == len(rows) and got["tokens"] == expected["tokens"]
+        assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    macro = np.mean([s["perplexity"] for s in result["subsets"].values()])
+    assert result["perplexity"] == pytest.approx(macro, rel=1e-12)
+    assert result["perplexity"] != pytest.approx(reference_perplexity(model, ids)["perplexity"], rel=1e-3)
+    assert (
+        flat_metrics({"paloma": result})["eval/paloma/m2d2/perplexity"]
+        == result["subsets"]["m2d2"]["perplexity"]
+    )
+    assert format_results({"paloma": result})[0].startswith("paloma")
+
+
+def test_paloma_limit_takes_the_first_rows_in_file_order(workspace, tmp_path):
+    model = from_pretrained(workspace["model_dir"])
+    path, ids = write_paloma(tmp_path / "limit", model.config.vocab_size, sources=True)
+    (task,) = load_tasks([TaskSpec("paloma", path, limit=7)], None, PALOMA_LEN)
+    assert task.sources == SOURCES[:7]
+    assert np.array_equal(np.stack([np.concatenate(r) for r in task.requests]), ids[:7])
+
+
+def specs(workspace, paloma: str) -> list[TaskSpec]:
+    """Every task, batch sizes chosen so the ranks get unequal numbers of batches (dummy forwards)."""
+    files = workspace["files"]
+    names = ["blimp", "hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2"]
+    return [TaskSpec(n, str(files[n]), batch_size=5) for n in names] + [
+        TaskSpec("paloma", paloma, batch_size=4)
+    ]
+
+
+def _on_two_ranks(strategy: str, model_dir: str, task_specs: list[TaskSpec], expected: dict):
+    import torch.distributed as dist
+
+    tasks = load_tasks(task_specs, model_dir, SEQ_LEN)
+    model = parallelize(from_pretrained(model_dir), strategy, 2, torch.device("cpu"))
+    results = evaluate_tasks(model, tasks, torch.device("cpu"))
+    gathered = [None, None]
+    dist.all_gather_object(gathered, results)
+    assert gathered[0] == gathered[1], "ranks returned different results"
+    assert flat_metrics(results) == pytest.approx(flat_metrics(expected), rel=1e-9, abs=1e-12)
+    assert [r["n"] for r in results.values()] == [r["n"] for r in expected.values()]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(workspace, tmp_path, strategy):
+    model = from_pretrained(workspace["model_dir"])
+    path, _ = write_paloma(tmp_path / "paloma", model.config.vocab_size, sources=True)
+    task_specs = specs(workspace, path)
+    expected = evaluate_tasks(
+        model, load_tasks(task_specs, workspace["model_dir"], SEQ_LEN), torch.device("cpu")
+    )
+    assert len(expected) == 7 and math.isfinite(expected["paloma"]["perplexity"])
+    run_distributed_test(_on_two_ranks, args=(strategy, str(workspace["model_dir"]), task_specs, expected))
