@@ -12,6 +12,7 @@ from typing import Literal
 
 import yaml
 
+from pico.evaluation import TASK_NAMES, TaskSpec
 from pico.metrics import get_metric
 from pico.model.config import PicoDecoderConfig
 from pico.run_dir import DEFAULT_LAYERS
@@ -92,11 +93,18 @@ class LearningDynamicsConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Perplexity on a pretokenized eval set at every checkpoint step."""
+    """What is evaluated at every checkpoint step: perplexity on `data` (the `paloma` task) and `tasks`."""
 
     data: str | None = None
     batch_size: int = 16
     max_batches: int | None = None
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+    def task_specs(self, world_size: int) -> list[TaskSpec]:
+        """The tasks to run: `data` as the paloma task (max_batches batches per rank), then `tasks`."""
+        limit = None if self.max_batches is None else self.max_batches * self.batch_size * world_size
+        paloma = [TaskSpec("paloma", self.data, limit, self.batch_size)] if self.data else []
+        return paloma + self.tasks
 
 
 @dataclass
@@ -145,8 +153,10 @@ def _coerce(key: str, value, tp):
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if dataclasses.is_dataclass(tp):  # a list entry such as a task: a mapping, or its name alone
+        return _build(tp, {"name": value} if isinstance(value, str) else value, key)
     if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, dict)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -259,6 +269,22 @@ def _validate(cfg: Config) -> None:
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    e = cfg.evaluation
+    for i, task in enumerate(e.tasks):
+        if task.name not in TASK_NAMES:
+            raise ConfigError(
+                f"evaluation.tasks[{i}].name: unknown task {task.name!r} (known: {', '.join(TASK_NAMES)})"
+            )
+        if [t.name for t in e.tasks].count(task.name) > 1 or (task.name == "paloma" and e.data):
+            raise ConfigError(
+                f"evaluation.tasks[{i}]: {task.name} is configured twice"
+                + (" (evaluation.data is the paloma task)" if e.data else "")
+            )
+        for key in ("limit", "batch_size"):
+            if getattr(task, key) is not None and getattr(task, key) < 1:
+                raise ConfigError(f"evaluation.tasks[{i}].{key}: must be positive, got {getattr(task, key)}")
+    if e.max_batches is not None and e.max_batches < 1:
+        raise ConfigError(f"evaluation.max_batches: must be positive or null, got {e.max_batches}")
     for name in cfg.learning_dynamics.metrics:  # in-situ metrics take one tensor
         try:
             comparative = get_metric(name).comparative

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pico.distributed import is_main
+from pico.evaluation import flat_metrics, format_results
 from pico.run_dir import TENSORBOARD
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
@@ -60,14 +61,10 @@ class TrainLogger:
                 self.writer.add_scalar(tag, value, step)
 
     def evals(self, step: int, results: dict[str, dict]) -> None:
-        """Log evaluation results `{task: {metric: value}}`: `eval/<task>/<metric>` scalars,
-        a line per task."""
-        for task, metrics in results.items():
-            numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}  # not counts such as n
-            self.scalars(step, {f"eval/{task}/{k}": v for k, v in numbers.items()})
-            self.print(
-                f"eval  {step:>6} | {task} | " + " | ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-            )
+        """Log evaluation results: `eval/<task>/<metric>` scalars (subsets too) and one line per task."""
+        self.scalars(step, flat_metrics(results))
+        for line in format_results(results):
+            self.print(f"eval  {step:>6} | {line}")
 
     def checkpoint(self, step: int, seconds: float) -> None:
         """Log how long checkpoint step `step` held training up (evaluation and capture included)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pico.distributed import cleanup, init_distributed
+from pico.distributed import cleanup, init_distributed, is_main
 from pico.evaluation import TASK_NAMES, TaskSpec, evaluate_tasks, format_results, load_tasks
 from pico.model import from_pretrained
 
@@ -73,7 +73,7 @@ def main() -> int:
         cleanup()
         return 2
     results = evaluate_tasks(model, tasks, dist.device, args.precision)
-    if dist.is_main:
+    if is_main():
         print(f"model {directory} | max_seq_len {model.config.max_seq_len} | ranks {dist.world_size}")
         print("\n".join(format_results(results)))
         if args.output:

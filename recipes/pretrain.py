@@ -16,9 +16,9 @@ from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
 from pico.config import ConfigError, load_config, save_config
-from pico.data import DataError, TokenStream, find_tokenizer, iter_eval_batches, read_batch
+from pico.data import DataError, TokenStream, find_tokenizer, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
-from pico.evaluation import perplexity
+from pico.evaluation import evaluate_tasks, load_tasks
 from pico.logging import TrainLogger, exit_on, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
@@ -61,13 +61,17 @@ def build_model(model_cfg, seed, device):
     return model
 
 
-def evaluate(model, cfg, dist, vocab_size):
-    """Perplexity of the current weights on `evaluation.data`, sharded over ranks (eval.json's `paloma`)."""
-    e = cfg.evaluation
-    batches = iter_eval_batches(
-        e.data, cfg.data.seq_len, e.batch_size, dist.rank, dist.world_size, e.max_batches, vocab_size
-    )
-    return {"paloma": perplexity(model, batches, dist.device, cfg.training.precision)}
+def evaluate(model, tasks, device, precision, log, step):
+    """Every evaluation task on W_step, sharded over ranks, logged; a task that fails is recorded as
+    {"error": ...} so that training and the checkpoint go on."""
+    results = {}
+    for task in tasks:
+        try:
+            results.update(evaluate_tasks(model, [task], device, precision))
+        except Exception as e:  # any failure of one task (the same on every rank)
+            results[task.name] = {"error": str(e)}
+    log.evals(step, results)
+    return results
 
 
 def main(argv=None):
@@ -99,6 +103,9 @@ def main(argv=None):
         eval_all = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
         if ld.enabled and ld.eval_data:
             eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
+    tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs(dist.world_size)
+    with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
+        tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
 
     # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
     first_step, resume_from = 0, resolve_resume(run_dir, ck.resume)
@@ -109,22 +116,19 @@ def main(argv=None):
         save_config(cfg, os.path.join(run_dir, CONFIG))
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
+    origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
+    accum = stream.accumulation_steps
     log.print(
-        f"pico | {n_params / 1e6:.2f}M params | {strategy} x{dist.world_size} | accumulation "
-        f"{stream.accumulation_steps} | "
-        + (f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}")
+        f"pico | {n_params / 1e6:.2f}M params | {strategy} x{dist.world_size} | accum {accum} | {origin}"
     )
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
-    peak, tokenizer, skipped = peak_flops(dist.device), find_tokenizer(d.path), 0
+    peak, skipped = peak_flops(dist.device), 0
 
     def measure(step):
         """The checkpoint step's part on W_step before the training batch: evaluation, then the eval split."""
-        ckpt = CheckpointStep(
-            step, {}, evals=evaluate(model, cfg, dist, model_cfg.vocab_size) if cfg.evaluation.data else None
-        )
-        if ckpt.evals:
-            log.evals(step, ckpt.evals)
+        evals = evaluate(model, tasks, dist.device, t.precision, log, step) if tasks else None
+        ckpt = CheckpointStep(step, {}, evals=evals)
         if eval_all is not None:  # its gradients are kept apart from the training ones
             optimizer.zero_grad(set_to_none=True)
             rows = eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)  # this rank's share

@@ -106,12 +106,15 @@ class PalomaTask:
         return {**result, "subsets": subsets}
 
 
-def load_paloma(path: str | None, seq_len: int, limit: int | None, batch_size: int | None) -> PalomaTask:
-    """The first `limit` rows (all without one) of a pretokenized parquet eval set, with their sources."""
+def load_paloma(
+    path: str | None, seq_len: int, limit: int | None, batch_size: int | None, vocab_size: int | None = None
+) -> PalomaTask:
+    """The first `limit` rows (all without one) of a pretokenized parquet eval set, with their sources;
+    rows are checked like training data (length seq_len + 1, ids below `vocab_size`)."""
     path = path or DEFAULT_DATASET
     try:
         index = build_index(path)
-        reader, rows, have = RowGroupReader(index, seq_len + 1), [], 0
+        reader, rows, have = RowGroupReader(index, seq_len + 1, vocab_size), [], 0
         wanted = index.num_samples if limit is None else min(limit, index.num_samples)
         for g in range(len(index.rg_rows)):
             if have >= wanted:

@@ -40,15 +40,21 @@ def score_requests(
     A request is (context ids, continuation ids), 1 ≤ len(continuation) ≤ max_length; the model sees the last
     max_length + 1 tokens of context + continuation, minus the last. Batch b runs on rank b mod W; ranks
     without a batch in a round run a one-token dummy forward, so all run the same number of forwards (FSDP2
-    gathers weights in each). Returns a float64 CPU tensor (R,), the same on every rank.
+    gathers weights in each). Identical requests are scored once, so equal choices tie exactly (and the
+    first wins an argmax, as in the harness). Returns a float64 CPU tensor (R,), the same on every rank.
     """
-    windows = [
-        np.concatenate([context, continuation])[-(max_length + 1) :] for context, continuation in requests
-    ]
-    scored = [len(continuation) for _, continuation in requests]
+    first_of, windows, scored, index = {}, [], [], []  # unique requests, and each request's unique index
+    for context, continuation in requests:
+        window = np.concatenate([context, continuation])[-(max_length + 1) :]
+        key = (window.tobytes(), len(continuation))
+        if key not in first_of:
+            first_of[key] = len(windows)
+            windows.append(window)
+            scored.append(len(continuation))
+        index.append(first_of[key])
     batches = plan_batches([len(w) - 1 for w in windows], batch_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    scores = torch.zeros(len(requests), dtype=torch.float64, device=device)  # (R,)
+    scores = torch.zeros(len(windows), dtype=torch.float64, device=device)  # (U,) unique requests
     for first in range(0, len(batches), world):
         if first + rank >= len(batches):
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
@@ -74,4 +80,4 @@ def score_requests(
         )
         scores[torch.tensor(rows, device=device)] = per_row  # (B,)
     reshard(model)
-    return all_reduce_sum(scores).cpu()
+    return all_reduce_sum(scores).cpu()[index]  # (R,)

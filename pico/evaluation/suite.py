@@ -28,12 +28,16 @@ class TaskSpec:
 
 
 def load_tasks(
-    specs: list[TaskSpec], tokenizer: Tokenizer | str | Path | None, seq_len: int
+    specs: list[TaskSpec],
+    tokenizer: Tokenizer | str | Path | None,
+    seq_len: int,
+    vocab_size: int | None = None,
 ) -> list[PalomaTask | ChoiceTask]:
     """Read, validate and tokenize every task's documents; a problem raises a one-line TaskError (ValueError).
 
     `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (paloma needs none);
-    `seq_len` is the longest input the model takes (paloma's rows hold seq_len + 1 tokens).
+    `seq_len` is the longest input the model takes (paloma's rows hold seq_len + 1 tokens); with
+    `vocab_size`, a token id the model has no embedding for is an error naming the task.
     """
     names = [spec.name for spec in specs]
     for spec in specs:
@@ -51,12 +55,17 @@ def load_tasks(
                 f"{', '.join(n for n in names if n != 'paloma')}: need a tokenizer (tokenizer.json)"
             )
         encoder = load_encoder(tokenizer)
-    return [
-        load_paloma(spec.path, seq_len, spec.limit, spec.batch_size)
+    tasks = [
+        load_paloma(spec.path, seq_len, spec.limit, spec.batch_size, vocab_size)
         if spec.name == "paloma"
         else load_choice_task(spec.name, spec.path, spec.limit, spec.batch_size, encoder, seq_len)
         for spec in specs
     ]
+    for task in tasks:
+        top = max((int(ids.max()) for pair in task.requests for ids in pair if len(ids)), default=-1)
+        if vocab_size is not None and top >= vocab_size:
+            raise TaskError(f"{task.name}: token id {top} is outside the model's vocabulary of {vocab_size}")
+    return tasks
 
 
 def evaluate_tasks(
@@ -96,6 +105,9 @@ def format_results(results: dict[str, dict]) -> list[str]:
     """One console line per task: its headline metrics and document count."""
     lines = []
     for task, metrics in results.items():
+        if "error" in metrics:  # a task that failed at this checkpoint
+            lines.append(f"{task:<15} | failed: {metrics['error']}")
+            continue
         shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens", "subsets", "fields")]
         lines.append(f"{task:<15} | {' | '.join(shown)} | n {metrics['n']}")
     return lines
