@@ -179,7 +179,10 @@ def as_pico_run(run_dir) -> Path:
         raise ValueError(f"{run_dir}: no checkpoints/step_<N>/{DYNAMICS}/*.pt files of pico-train")
     config, model = run_dir / TRAINING_CONFIG, None
     if config.is_file():
-        model = hf_config((yaml.safe_load(config.read_text()) or {}).get("model") or {})
+        try:
+            model = hf_config((yaml.safe_load(config.read_text()) or {}).get("model") or {})
+        except (ValueError, yaml.YAMLError, AttributeError) as e:
+            raise ValueError(f"{config}: {e}".splitlines()[0]) from None
     out = run_dir / LAYOUT / run_dir.resolve().name
     for step, path in sorted(steps.items()):
         convert_step(path / DYNAMICS, step_dir(out, step), model, path, step)
