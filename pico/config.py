@@ -70,12 +70,24 @@ class TrainingConfig:
 
 
 @dataclass
+class HubConfig:
+    """Upload every checkpoint step to a Hugging Face Hub repo while training (docs/hub.md); off while
+    `repo_id` is unset. The token comes from HF_TOKEN or `hf auth login`, never from the config."""
+
+    repo_id: str | None = None
+    branch: str | None = None  # default: the run directory's name
+    private: bool = True
+    upload_state: bool = True  # the DCP state/, so that a run can resume from the Hub
+
+
+@dataclass
 class CheckpointingConfig:
     """Where the run directory lives, how often to checkpoint, and what to resume from."""
 
     run_dir: str = "runs/pico"
     save_every: int = 1000
-    resume: str = "auto"
+    resume: str = "auto"  # auto | never | <step dir> | hub | hf://<repo_id>[@<revision>]
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 @dataclass
@@ -296,10 +308,33 @@ def _validate(cfg: Config) -> None:
                 "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
                 "pico.analysis"
             )
+    _validate_hub(cfg.checkpointing)
     if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
         raise ConfigError(
             "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"
         )
+
+
+def _validate_hub(ck: CheckpointingConfig) -> None:
+    """`checkpointing.hub` and Hub resume sources are well-formed (the Hub itself is checked at start-up)."""
+    from pico.hub import check_repo_id, parse_hf_uri, ref_name
+
+    checks = [("checkpointing.hub.repo_id", check_repo_id, ck.hub.repo_id)]
+    if ck.resume.startswith("hf://"):
+        checks.append(("checkpointing.resume", parse_hf_uri, ck.resume))
+    for key, check, value in checks:
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if ck.hub.branch is not None and ref_name(ck.hub.branch) != ck.hub.branch:
+        raise ConfigError(
+            f"checkpointing.hub.branch: {ck.hub.branch!r} is not a legal branch name "
+            f"(nearest: {ref_name(ck.hub.branch)!r})"
+        )
+    if ck.resume == "hub" and ck.hub.repo_id is None:
+        raise ConfigError("checkpointing.resume: 'hub' needs checkpointing.hub.repo_id")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -4,6 +4,7 @@ r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
     python recipes/analyze.py --run runs/tiny --config recipes/configs/analyze.yaml --plot
     python recipes/analyze.py --run runs/tiny --run runs/small \
         metrics=[cka] compare=runs data_types=[activations]
+    python recipes/analyze.py --hub pico-lm/pico-decoder-tiny --revision pico-decoder-tiny-1   # docs/hub.md
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
 metrics.csv, tensorboard/ and, with --plot, plots/*.png. Bad input exits with code 2 and one line.
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pico.analysis import analyze, load_spec, save
+from pico.hub import analysis_runs
 
 
 def main(argv=None):
@@ -22,8 +24,14 @@ def main(argv=None):
         description="Metrics × components × checkpoints of pico run directories."
     )
     parser.add_argument(
-        "--run", action="append", required=True, metavar="DIR", help="run directory (repeatable)"
+        "--run",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="run directory, pico or pico-train (repeatable)",
     )
+    parser.add_argument("--hub", action="append", default=[], metavar="REPO_ID", help="a run on the Hub")
+    parser.add_argument("--revision", help="the --hub run's branch (default: main)")
     parser.add_argument(
         "--config", metavar="FILE", help="analysis spec (YAML); default: the default analysis"
     )
@@ -35,8 +43,9 @@ def main(argv=None):
 
     try:
         spec = load_spec(args.config, args.overrides)
-        rows = analyze(args.run, spec)
-        written = save(rows, args.run, spec, plot=args.plot)
+        read, write = analysis_runs(args.run, args.hub, args.revision, spec)  # local dirs in pico's layout
+        rows = analyze(read, spec)
+        written = save(rows, write, spec, plot=args.plot)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

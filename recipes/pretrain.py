@@ -19,6 +19,7 @@ from pico.config import ConfigError, load_config, save_config
 from pico.data import DataError, TokenStream, find_tokenizer, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
 from pico.evaluation import evaluate_tasks, load_tasks
+from pico.hub import HubError, resume_source, start_uploader
 from pico.logging import TrainLogger, exit_on, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
@@ -108,7 +109,9 @@ def main(argv=None):
         tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
 
     # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
-    first_step, resume_from = 0, resolve_resume(run_dir, ck.resume)
+    with exit_on("hub error", HubError):  # a bad repo or no permission fails here, before step 0
+        resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
+    first_step, resume_from = 0, resolve_resume(run_dir, resume)
     if resume_from is not None:
         first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream)
     elif is_main():
@@ -141,6 +144,7 @@ def main(argv=None):
         """Write step_<N> (and log its in-situ metrics); returns the seconds it took."""
         start = time.perf_counter()
         save_checkpoint(run_dir, ckpt, model, optimizer, tokenizer, not no_export, ld.positions, ld.dtype)
+        uploader.enqueue(ckpt.step)  # published: uploaded in the background (docs/hub.md)
         log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
         return time.perf_counter() - start
 
@@ -191,6 +195,7 @@ def main(argv=None):
             log.train(step + 1, loss.item(), scheduler.get_last_lr()[0], grad_norm.item(), tokens_per_s, mfu)
     stream.close()
     log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
+    uploader.finish()  # waits for pending uploads; prints any left with the command that retries them
     log.close()
     cleanup()
 

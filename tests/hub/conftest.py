@@ -1,0 +1,15 @@
+"""The Hub tests talk to tests/hub/standin.py, a local stand-in for the Hub, never to the Hub itself."""
+
+import pytest
+
+import pico.hub
+from tests.hub.standin import LocalHub
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh stand-in that every pico.hub call of this test goes to."""
+    standin = LocalHub(tmp_path / "standin")
+    standin.set_faults()
+    monkeypatch.setattr(pico.hub, "connect", lambda: standin)
+    return standin

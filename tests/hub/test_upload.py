@@ -1,0 +1,136 @@
+"""The uploader and the journal on hand-made step directories, against the local stand-in (no training)."""
+
+import json
+
+import pytest
+
+import pico.hub
+from pico.hub import HubError, Uploader, read_journal, ref_name, resume_source, step_tag
+from pico.run_dir import step_dir
+
+REPO = "me/pico-runs"
+
+
+def make_steps(run_dir, steps=(0, 2), shards=1):
+    """Published step dirs with the files a checkpoint holds (small fake contents)."""
+    (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text("training: {max_steps: 2}\n")
+    for step in steps:
+        path = step_dir(run_dir, step)
+        for name, text in {
+            "model/config.json": "{}",
+            "model/model.safetensors": f"weights {step}",
+            "learning_dynamics/train.safetensors": f"train {step}",
+            "state/.metadata": f"meta {step}",
+            "eval.json": json.dumps({"step": step}),
+            **{f"state/__{r}_0.distcp": f"shard {r} {step}" for r in range(shards)},
+        }.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text(text)
+    return run_dir
+
+
+def titles(hub, branch):
+    return [c.title for c in hub.list_commits(REPO, branch)][::-1]
+
+
+def test_one_commit_and_tag_per_step_after_failures(tmp_path, hub):
+    run = make_steps(tmp_path / "run-a")
+    hub.set_faults(fail={"create_commit": 2})  # the first two commit attempts fail, then the Hub answers
+    up = Uploader(run, REPO, backoff=0.01).start()
+    up.enqueue(2)
+    assert up.finish(timeout=30) == []
+    assert titles(hub, "run-a") == ["initial commit", "step 0", "step 2"]
+    assert len(hub.calls("create_commit")) == 4
+    repo = hub.repo(REPO)
+    assert set(repo["tags"]) == {"run-a/step_0", "run-a/step_2"}
+    files = hub.list_files(REPO, "run-a/step_2")
+    assert {
+        "config.json",
+        "model.safetensors",
+        "learning_dynamics/train.safetensors",
+        "state/.metadata",
+        "state/__0_0.distcp",
+        "eval.json",
+        "config.yaml",
+    } <= set(files)
+    assert read_journal(run, f"{REPO}@run-a") == {s: repo["tags"][f"run-a/step_{s}"] for s in (0, 2)}
+
+
+def test_stale_files_of_the_previous_step_are_deleted(tmp_path, hub):
+    run = make_steps(tmp_path / "run", steps=(0,), shards=2)  # written by 2 ranks
+    Uploader(run, REPO).start().finish(timeout=30)
+    make_steps(run, steps=(2,), shards=1)  # resumed on 1 rank: one shard
+    Uploader(run, REPO).start().finish(timeout=30)
+    assert "state/__1_0.distcp" in hub.list_files(REPO, "run/step_0")
+    assert "state/__1_0.distcp" not in hub.list_files(REPO, "run/step_2")
+
+
+def test_a_commit_that_landed_is_not_made_twice(tmp_path, hub):
+    run = make_steps(tmp_path / "run")
+    Uploader(run, REPO).start().finish(timeout=30)
+    (run / "checkpoints" / "hub.json").unlink()  # as if killed after the commit, before the journal
+    hub.delete_tag(REPO, "run/step_2")  # ... and before its tag
+    up = Uploader(run, REPO).start()
+    assert up.finish(timeout=30) == []
+    assert hub.repo(REPO)["tags"]["run/step_2"] == hub.list_commits(REPO, "run")[0].id
+    assert titles(hub, "run").count("step 2") == 1
+    assert len(hub.calls("create_commit")) == 2
+    assert read_journal(run, f"{REPO}@run").keys() == {0, 2}
+
+
+def test_no_permission_fails_at_start(tmp_path, hub):
+    hub.set_faults(forbidden=["someone/else"])
+    with pytest.raises(HubError, match="someone/else: not allowed"):
+        Uploader(make_steps(tmp_path / "run"), "someone/else").start()
+
+
+def test_offline_keeps_steps_pending_then_cli_uploads(tmp_path, hub, capsys):
+    run = make_steps(tmp_path / "run")
+    hub.set_faults(offline=True)
+    up = Uploader(run, REPO, backoff=0.01).start()
+    assert up.finish(timeout=30) == [0, 2]
+    out = capsys.readouterr().out
+    assert "unreachable" in out and f"python -m pico.hub upload {run} --repo-id {REPO} --branch run" in out
+    assert read_journal(run, f"{REPO}@run") == {}
+    hub.set_faults()
+    with pytest.raises(SystemExit) as e:
+        pico.hub.main(["upload", str(run), "--repo-id", REPO])
+    assert e.value.code == 0
+    assert titles(hub, "run") == ["initial commit", "step 0", "step 2"]
+
+
+def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
+    with pytest.raises(SystemExit) as e:
+        pico.hub.main(["upload", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hub error:") and "--repo-id" in err and "\n" not in err
+
+
+def test_resume_source_downloads_only_state(tmp_path, hub):
+    run = make_steps(tmp_path / "run")
+    Uploader(run, REPO).start().finish(timeout=30)
+    folder = resume_source(f"hf://{REPO}@run/step_0", None, run)
+    assert (tmp_path / "standin" / "cache").exists()
+    (download,) = hub.calls("downloaded")
+    assert download["files"] == ["state/.metadata", "state/__0_0.distcp"]
+    assert (pico.hub.Path(folder) / "state" / ".metadata").read_text() == "meta 0"
+    assert resume_source("auto", None, run) == "auto"
+
+
+def test_resume_without_state_or_steps_is_one_line(tmp_path, hub):
+    run = make_steps(tmp_path / "run")
+    Uploader(run, REPO, upload_state=False).start().finish(timeout=30)
+    with pytest.raises(HubError, match=r"me/pico-runs@run/step_2: no state/"):
+        resume_source(f"hf://{REPO}@run/step_2", None, run)
+    hub.add_commit(REPO, "other", "README", {"README.md": b"hi"})
+    cfg = type("Hub", (), {"repo_id": REPO, "branch": "other"})
+    with pytest.raises(HubError, match=r"me/pico-runs@other: no commit titled 'step <N>'"):
+        resume_source("hub", cfg, run)
+
+
+def test_ref_names():
+    assert ref_name("my run: 1") == "my-run-1"
+    assert ref_name("a..b/") == "a.b"
+    assert step_tag("pico-decoder-tiny-1", 1000) == "pico-decoder-tiny-1/step_1000"
