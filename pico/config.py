@@ -213,13 +213,13 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _set_override(tree: dict, override: str, depth: int) -> None:
-    """Apply one `key.path=value` override (value parsed as YAML, `depth` dotted parts) to the
-    nested dict `tree`."""
-    shape = "section.key" if depth == 2 else "key"
+def _set_override(tree: dict, override: str, sections: bool) -> None:
+    """Apply one override to the nested dict `tree`: `section.key=value` (or `section.sub.key=value` for
+    a nested section) when `sections`, else `key=value`; the value is parsed as YAML."""
+    shape = "section.key" if sections else "key"
     path, sep, raw = override.partition("=")
     parts = path.strip().split(".")
-    if not sep or len(parts) != depth or not all(parts):
+    if not sep or not all(parts) or (len(parts) < 2 if sections else len(parts) != 1):
         raise ConfigError(f"{override}: overrides look like {shape}=value")
     value = yaml.safe_load(raw) if raw.strip() else None
     for part in parts[:-1]:
@@ -229,7 +229,9 @@ def _set_override(tree: dict, override: str, depth: int) -> None:
     tree[parts[-1]] = value
 
 
-def load_tree(path: str | Path | None, overrides=(), depth: int = 2, default: dict | None = None) -> dict:
+def load_tree(
+    path: str | Path | None, overrides=(), sections: bool = True, default: dict | None = None
+) -> dict:
     """The mapping in YAML file `path` (or a copy of `default`) with `key.path=value` overrides applied.
 
     The one loader of every pico config (training runs and analysis specs); errors are ConfigErrors.
@@ -245,7 +247,7 @@ def load_tree(path: str | Path | None, overrides=(), depth: int = 2, default: di
                 f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}"
             )
     for override in overrides:
-        _set_override(tree, override, depth)
+        _set_override(tree, override, sections)
     return tree
 
 

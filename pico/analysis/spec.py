@@ -239,7 +239,7 @@ def load_spec(path=None, overrides=()) -> AnalysisSpec:
     if path is not None and not Path(path).is_file():
         raise SpecError(f"{path}: no such config file")
     try:
-        raw = load_tree(path, overrides, depth=1, default=DEFAULT_SPEC)
+        raw = load_tree(path, overrides, sections=False, default=DEFAULT_SPEC)
     except ConfigError as e:
         raise SpecError(str(e)) from None
     if path is not None:

@@ -58,7 +58,7 @@ def step_titles(hub, branch):
 
 def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_path):
     a = tmp_path / "run-a"
-    out = train(standin, data, a, 4, f"checkpointing.hub={{repo_id: {REPO}}}").stdout
+    out = train(standin, data, a, 4, f"checkpointing.hub.repo_id={REPO}").stdout  # a nested override
     assert "hub: every step is on me/pico-runs@run-a" in out
     assert step_titles(standin, "run-a") == ["step 0", "step 2", "step 4"]
     tags = standin.repo(REPO)["tags"]
