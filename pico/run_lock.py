@@ -50,7 +50,10 @@ def lock_run_dir(run_dir, device: torch.device) -> None:
             handle.flush()
             _held[path] = handle
     if all_reduce_sum(torch.tensor([busy], device=device)).item():  # every rank learns rank 0's answer
-        host, _, pid = path.read_text().strip().partition(" ")
+        try:  # the holder wrote "<host> <pid>"; a rank on a node that does not share the file reads none
+            host, _, pid = path.read_text().strip().partition(" ")
+        except OSError:
+            host = pid = ""
         holder = f"pid {pid} on host {host}" if pid else "another process"
         raise RunDirError(
             f"{run_dir}: in use by a live run ({holder} holds {path}); wait for it to end, or set "
