@@ -311,7 +311,7 @@ def test_second_run_on_a_live_run_dir_refuses_under_torchrun(data, tmp_path):
         holder.wait()
     first = proc.stderr.strip().splitlines()[0]
     assert proc.returncode != 0 and not (run / "checkpoints").exists()
-    assert first == (
+    assert first == (  # the cause, before torchrun's report of the failed workers
         f"run error: {run}: in use by a live run (pid {holder.pid} on host {socket.gethostname()} holds "
         f"{run}/run.lock); wait for it to end, or set another checkpointing.run_dir"
-    )
+    ), proc.stderr[-3000:]
