@@ -4,6 +4,7 @@ strictly validated."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class CheckpointingConfig:
     run_dir: str = "runs/pico"
     save_every: int = 1000
     resume: str = "auto"  # auto | never | <step dir> | hub | hf://<repo_id>[@<revision>]
+    overwrite: bool = False
     hub: HubConfig = field(default_factory=HubConfig)
 
 
@@ -176,10 +178,12 @@ def _coerce(key: str, value, tp):
     if tp is float:
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no pico key means anything by NaN or ±inf (null disables)
+                raise ConfigError(f"{key}: expected a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -311,6 +315,17 @@ def _validate(cfg: Config) -> None:
                 "pico.analysis"
             )
     _validate_hub(cfg.checkpointing)
+    ck = cfg.checkpointing
+    if ck.overwrite and ck.resume != "never":
+        raise ConfigError(
+            f"checkpointing.overwrite: true needs checkpointing.resume=never, got {ck.resume!r}"
+        )
+    run_dir = Path(ck.run_dir).expanduser()
+    for path in (run_dir, *run_dir.parents):  # the nearest existing path must be a directory
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"checkpointing.run_dir: {path} is a file, not a directory")
+            break
     if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
         raise ConfigError(
             "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"

@@ -431,7 +431,7 @@ def resume_source(resume: str, hub_config, run_dir) -> str:
         hub = connect()
     else:
         return resume
-    folder = hub.download(repo_id, revision, [f"{STATE}/*"])
+    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG])  # config.yaml: to check the model
     _require(folder, f"{STATE}/*", f"{repo_id}@{revision}", "no state/ (uploaded with upload_state: false?)")
     return str(folder)
 

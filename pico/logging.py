@@ -117,5 +117,8 @@ def exit_on(prefix: str, *errors: type[BaseException]):
     try:
         yield
     except errors as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
+        # One write per line: the ranks under a launcher share stderr, and print() writes the newline
+        # apart, so two ranks' lines interleaved (the first line must be the cause, docs/configuration.md).
+        sys.stderr.write(f"{prefix}: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)

@@ -15,7 +15,7 @@ import torch
 from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
-from pico.config import ConfigError, load_config, save_config
+from pico.config import ConfigError, load_config
 from pico.data import DataError, TokenStream, find_tokenizer, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
 from pico.evaluation import evaluate_tasks, load_tasks
@@ -23,7 +23,8 @@ from pico.hub import HubError, resume_source, start_uploader
 from pico.logging import TrainLogger, exit_on, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
-from pico.run_dir import CONFIG, checkpoints_dir, resolve_resume
+from pico.run_dir import checkpoints_dir
+from pico.run_lock import open_run_dir
 from pico.training import apply_update, captured_step, train_step
 
 
@@ -108,15 +109,13 @@ def main(argv=None):
     with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
         tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
 
-    # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
+    # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also
+    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md).
     with exit_on("hub error", HubError):  # a bad repo or no permission fails here, before step 0
         resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
-    first_step, resume_from = 0, resolve_resume(run_dir, resume)
-    if resume_from is not None:
-        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream)
-    elif is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, CONFIG))
+    with exit_on("run error", ValueError):  # another live run; a missing, incomplete or changed checkpoint
+        resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
+        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"

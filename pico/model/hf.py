@@ -238,14 +238,22 @@ def save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a truncated or garbage file is a ValueError naming it."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type, without the path
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, keyed by Llama name."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return _read_safetensors(single)
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+        return {k: v for shard in shards for k, v in _read_safetensors(directory / shard).items()}
     raise FileNotFoundError(
         f"{directory}: no model.safetensors or model.safetensors.index.json "
         f"(only safetensors checkpoints are supported)"

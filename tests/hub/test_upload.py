@@ -108,13 +108,13 @@ def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
     assert err.startswith("hub error:") and "--repo-id" in err and "\n" not in err
 
 
-def test_resume_source_downloads_only_state(tmp_path, hub):
+def test_resume_source_downloads_only_state_and_config(tmp_path, hub):
     run = make_steps(tmp_path / "run")
     Uploader(run, REPO).start().finish(timeout=30)
     folder = resume_source(f"hf://{REPO}@run/step_0", None, run)
     assert (tmp_path / "standin" / "cache").exists()
     (download,) = hub.calls("downloaded")
-    assert download["files"] == ["state/.metadata", "state/__0_0.distcp"]
+    assert download["files"] == ["config.yaml", "state/.metadata", "state/__0_0.distcp"]
     assert (pico.hub.Path(folder) / "state" / ".metadata").read_text() == "meta 0"
     assert resume_source("auto", None, run) == "auto"
 

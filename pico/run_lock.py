@@ -1,0 +1,100 @@
+"""One run directory, one run: the lock a live run holds, and what a run checks before it writes there.
+
+docs/checkpoints.md ("One run per directory") says what each refusal means and how to get past it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+from pico.checkpoint import earlier_complete_step
+from pico.config import Config, save_config
+from pico.distributed import all_reduce_sum, is_main
+from pico.run_dir import ANALYSIS, CHECKPOINTS, CONFIG, LATEST, TENSORBOARD, checkpoints_dir, resolve_resume
+
+LOCK = "run.lock"
+_held = {}  # lock path → its open file, for this process's lifetime: the OS releases it however it ends
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message names the directory, file or holder."""
+
+
+def lock_run_dir(run_dir, device: torch.device) -> None:
+    """Hold `<run_dir>/run.lock` (fcntl.flock, on rank 0) until this process exits; a collective.
+
+    Every rank raises RunDirError naming the holder's host and pid when another live process holds it.
+    A killed holder leaves no stale lock: the kernel drops a flock with its last open file.
+    """
+    path, busy = Path(run_dir).resolve() / LOCK, 0
+    if is_main() and path not in _held:  # a second call in the holding process holds it already
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as e:
+            raise RunDirError(f"{path}: cannot create the lock file ({e.strerror})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            busy = 1
+        else:
+            handle.truncate(0)
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+            handle.flush()
+            _held[path] = handle
+    if all_reduce_sum(torch.tensor([busy], device=device)).item():  # every rank learns rank 0's answer
+        try:  # the holder wrote "<host> <pid>"; a rank on a node that does not share the file reads none
+            host, _, pid = path.read_text().strip().partition(" ")
+        except OSError:
+            host = pid = ""
+        holder = f"pid {pid} on host {host}" if pid else "another process"
+        raise RunDirError(
+            f"{run_dir}: in use by a live run ({holder} holds {path}); wait for it to end, or set "
+            "another checkpointing.run_dir"
+        )
+
+
+def resume_point(run_dir, resume: str, overwrite: bool = False) -> Path | None:
+    """The step dir this run resumes from (`checkpointing.resume`), or None for a new run.
+
+    Raises RunDirError when `latest` or `resume` names no checkpoint (saying which complete step there is),
+    and when a new run (`resume: never`) would mix with checkpoints already there, unless `overwrite`.
+    """
+    marker = checkpoints_dir(run_dir) / LATEST
+    try:
+        if resume == "auto" and marker.is_file() and not marker.read_text().strip():
+            raise FileNotFoundError(f"{marker}: empty")
+        path = resolve_resume(run_dir, resume)
+    except FileNotFoundError as e:
+        named = Path(resume).parent.parent if Path(resume).parent.name == CHECKPOINTS else run_dir
+        raise RunDirError(f"{e}; {earlier_complete_step(named)}") from None
+    old = [p.name for p in checkpoints_dir(run_dir).glob("*")] if resume == "never" else []
+    if old and not overwrite:
+        raise RunDirError(
+            f"{checkpoints_dir(run_dir)}: holds checkpoints of an earlier run ({', '.join(sorted(old)[:3])}"
+            f"{', ...' if len(old) > 3 else ''}) and checkpointing.resume=never; resume it with "
+            "checkpointing.resume=auto, or delete them with checkpointing.overwrite=true"
+        )
+    return path
+
+
+def open_run_dir(run_dir, cfg: Config, device: torch.device, resume: str | None = None) -> Path | None:
+    """Lock `run_dir` and return the step dir to resume from (`resume`, default `checkpointing.resume`);
+    for a new run (None), rank 0 first deletes the earlier run's checkpoints, tensorboard logs and analyses
+    when `checkpointing.overwrite` is set, then writes `config.yaml`: after every check, so that a refused
+    run changes nothing there."""
+    lock_run_dir(run_dir, device)
+    path = resume_point(run_dir, resume or cfg.checkpointing.resume, cfg.checkpointing.overwrite)
+    if path is None and is_main():
+        if cfg.checkpointing.overwrite:
+            for name in (CHECKPOINTS, TENSORBOARD, ANALYSIS):
+                shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+        save_config(cfg, Path(run_dir) / CONFIG)
+    return path
