@@ -1,6 +1,8 @@
 """recipes/maml.py: the episode, the functional inner loop against a torch.func reference, the config
 section, and the recipe end to end with real processes (single, DDP, FSDP2, kill -9 + resume)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -25,11 +27,9 @@ RECIPE = "recipes/maml.py"
 ARGS = [*MODEL, "model.vocab_size=65", "maml.n_way=8", "maml.head_hidden=16", "maml.inner_steps=3"]
 
 
-def tiny_episode(step=0, seed=0, rows=None):
-    rows = torch.randint(0, 3, (3, 11)) if rows is None else rows  # three token ids: queries hit the classes
-    return rows, step_episodes(
-        [rows], MamlConfig(**{**MAML.__dict__, "hybrid_ratio": 1.0}), seed, step, 0, 24, MASK
-    )
+def tiny_episode():
+    rows = torch.randint(0, 3, (3, 11))  # three token ids: the queries mostly hit the classes
+    return rows, step_episodes([rows], dataclasses.replace(MAML, hybrid_ratio=1.0), 0, 0, 0, 24, MASK)
 
 
 def test_episode_masks_support_and_query_and_keeps_only_class_labels():
