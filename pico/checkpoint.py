@@ -238,7 +238,7 @@ def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Pa
 
     A model with modules the Llama layout cannot express is refused (ValueError naming the module).
     """
-    from pico.model.hf import export_problem, save_pretrained, save_tokenizer, special_token_ids
+    from pico.model.hf import export_problem, export_state, save_pretrained, save_tokenizer, special_token_ids
 
     problem = export_problem(unwrap(model))
     if problem:
@@ -247,6 +247,7 @@ def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Pa
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():
         return
+    state = export_state(unwrap(model), state)  # without the training-only modules
     save_pretrained(state, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
     if tokenizer is not None:
         save_tokenizer(tokenizer, path, model_config.max_seq_len)

@@ -354,10 +354,12 @@ def _validate_hub(ck: CheckpointingConfig) -> None:
         raise ConfigError("checkpointing.resume: 'hub' needs checkpointing.hub.repo_id")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), cls: type[Config] = Config
+) -> Config:
     """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate;
-    raise ConfigError."""
-    cfg = _build(Config, load_tree(path, overrides), "")
+    raise ConfigError. `cls`: a Config subclass whose extra dataclass fields are a fork's own sections."""
+    cfg = _build(cls, load_tree(path, overrides), "")
     _validate(cfg)
     return cfg
 

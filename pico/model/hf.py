@@ -74,9 +74,23 @@ def llama_to_pico_name(name: str) -> str:
     return f"layers.{match[1]}.{_LAYER_NAMES_INVERSE[match[2]]}"
 
 
+def _training_only(model: nn.Module, name: str) -> bool:
+    """Whether parameter or module `name` lies in one of `model.training_only`'s child modules."""
+    return name.split(".", 1)[0] in getattr(model, "training_only", ())
+
+
+def export_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` of `model` without its `training_only` modules: what the Llama export holds."""
+    return {k: v for k, v in state_dict.items() if not _training_only(model, k)}
+
+
 def export_problem(model: nn.Module) -> str | None:
-    """Why `model` cannot be written in the Llama layout (the first module of another kind), or None."""
+    """Why `model` cannot be written in the Llama layout (the first module of another kind), or None.
+
+    Its `training_only` modules (PicoDecoder.training_only) are left out of the export and not checked."""
     for name, module in model.named_modules():
+        if _training_only(model, name):
+            continue
         kind = _MODULE_KINDS.get(name.rsplit(".", 1)[-1])
         if kind is not None and type(module) is not kind:
             return (
@@ -205,7 +219,7 @@ def save_pretrained(
         problem = export_problem(model_or_state_dict)
         if problem:
             raise ValueError(f"save_pretrained: {problem}")
-        state_dict = model_or_state_dict.state_dict()
+        state_dict = export_state(model_or_state_dict, model_or_state_dict.state_dict())
     _check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) != 1:

@@ -178,6 +178,31 @@ def test_export_refuses_modules_the_llama_layout_cannot_express(tmp_path):
     assert export_problem(PicoDecoder(CONFIG)) is None
 
 
+class WithHead(PicoDecoder):
+    """A fork's decoder with a training-only head: trained and checkpointed, left out of the export."""
+
+    training_only = ("head",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = torch.nn.Linear(config.d_model, 3)
+
+
+def test_training_only_modules_are_left_out_of_the_export(tmp_path):
+    model = randomized(WithHead(CONFIG))
+    assert export_problem(model) is None
+    model.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
+        hidden = model.hidden(ids)  # (B, T, C): what the output layer maps to logits
+        torch.testing.assert_close(model.de_embedding_proj(hidden), model(ids), rtol=0, atol=0)
+        torch.testing.assert_close(
+            hf(ids, output_hidden_states=True).hidden_states[-1], hidden, rtol=0, atol=1e-4
+        )
+
+
 def test_special_tokens_go_to_config_json(tmp_path):
     PicoDecoder(CONFIG).save_pretrained(tmp_path, bos_token_id=3, eos_token_id=4)
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -1,4 +1,5 @@
-"""Run recipes/pretrain.py, SIGKILLing rank 0 at a checkpoint: `kill_at.py <step>:<writing|done> ARGS...`.
+"""Run a recipe (recipes/pretrain.py unless `--recipe PATH`), SIGKILLing rank 0 at a checkpoint:
+`kill_at.py <step>:<writing|done> [--recipe PATH] ARGS...`.
 
 `writing`: once step_<step>'s files are all written, before it is renamed and named `latest` (the worst
 moment); `done`: right after `latest` names it. The crash-safety tests launch this instead of the recipe,
@@ -14,6 +15,10 @@ from pathlib import Path
 import pico.run_dir
 
 step, phase = sys.argv.pop(1).split(":")
+recipe = Path(__file__).resolve().parents[2] / "recipes" / "pretrain.py"
+if sys.argv[1:2] == ["--recipe"]:
+    recipe = Path(sys.argv.pop(2)).resolve()
+    sys.argv.pop(1)
 publish = pico.run_dir.publish_step
 
 
@@ -27,5 +32,6 @@ def publish_then_maybe_die(root, tmp, at):
 
 
 pico.run_dir.publish_step = publish_then_maybe_die
-sys.argv[0] = str(Path(__file__).resolve().parents[2] / "recipes" / "pretrain.py")
+sys.argv[0] = str(recipe)
+sys.path.insert(0, str(recipe.parent))  # as `python recipe.py` does: the recipe imports its neighbours
 runpy.run_path(sys.argv[0], run_name="__main__")
