@@ -20,7 +20,8 @@ class Checkpoint:
     def __init__(self, run_dir, step: int, device: torch.device, dtype: torch.dtype):
         self.step, self.device, self.dtype = step, device, dtype
         self.dir = step_dir(run_dir, step)
-        self._files, self._tensors, self._derived, self._spectra, self._config = {}, {}, {}, {}, None
+        self._files, self._keys, self._tensors, self._derived, self._spectra = {}, {}, {}, {}, {}
+        self._config = None
 
     def _file(self, name: str):
         if name not in self._files:
@@ -29,8 +30,10 @@ class Checkpoint:
 
     def modules(self, data_type: str, split: str | None) -> list[str]:
         """Full module names that have `data_type` tensors (in `split`'s file, or weights.safetensors)."""
-        keys = (parse_key(k) for k in self._file(split or "weights").keys())
-        return [key[1] for key in keys if key is not None and key[0] == data_type]
+        file = split or "weights"
+        if file not in self._keys:
+            self._keys[file] = [key for k in self._file(file).keys() if (key := parse_key(k)) is not None]
+        return [module for kind, module in self._keys[file] if kind == data_type]
 
     def load(self, data_type: str, module: str, split: str | None = None) -> torch.Tensor:
         """Tensor `<data_type>.<module>` on the compute device and dtype (weights ignore `split`)."""

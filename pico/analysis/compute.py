@@ -117,11 +117,9 @@ def _uses_sv(metric: Metric, params: dict) -> bool:
     return metric.takes_sv and (metric.name != "norm" or params.get("kind", "fro") in SVD_NORMS)
 
 
-def _measure(metric, params: dict, dtype, x: torch.Tensor, ref: torch.Tensor | None, sv) -> float:
-    kwargs = dict(params, dtype=dtype) if "dtype" in metric.__signature__.parameters else dict(params)
-    if sv is not None:
-        kwargs["sv"] = sv
-    return float(metric(x, **kwargs) if ref is None else metric(x, ref, **kwargs))
+def _measure(metric: Metric, kwargs: dict, x: torch.Tensor, ref: torch.Tensor | None, sv) -> float:
+    kwargs = kwargs if sv is None else dict(kwargs, sv=sv)
+    return float(metric.fn(x, **kwargs) if ref is None else metric.fn(x, ref, **kwargs))
 
 
 def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, split) -> torch.Tensor:
@@ -135,6 +133,8 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
     """All rows of one metric entry at one checkpoint (compared against `ref` for comparative metrics)."""
     metric, params, rows = get_metric(task.spec.name), dict(task.spec.params), []
     shares_sv = ref is None and _uses_sv(metric, params)
+    if "dtype" in metric.__signature__.parameters:
+        params["dtype"] = ckpt.dtype
     for data_type in task.data_types:
         for split in (None,) if data_type == "weights" else task.splits:
             if ref is not None and split is not None:
@@ -161,7 +161,6 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
                             value = _measure(
                                 metric,
                                 params,
-                                ckpt.dtype,
                                 x if head is None else x[head],
                                 None if y is None else (y if head is None else y[head]),
                                 ckpt.singular_values(where, x if head is None else x[head])

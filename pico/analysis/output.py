@@ -138,6 +138,13 @@ def _eval_panels(panels, eval_rows, colors) -> None:
         _style(ax, f"{component}\n{metric}", len(colors))
 
 
+def _stem(metric: str, data_type: str, split, component: str) -> str:
+    """`<metric>__<data_type>__<split or weights>__<component>`, or `eval__<task>[/<subset>]__<metric>`."""
+    if data_type == "eval":
+        return f"eval__{component}__{metric}"
+    return "__".join([metric, data_type, split or "weights", component])
+
+
 def _save_figure(fig, out_dir: Path, stem: str) -> Path:
     fig.tight_layout()
     path = out_dir / (re.sub(r"[^\w.@=-]+", "_", stem) + ".png")
@@ -186,8 +193,7 @@ def plot_rows(rows, out_dir) -> list[Path]:
         (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
         ax.set_xlabel("step")
         _style(ax, metric, len(layers))
-        stem = "__".join([metric, data_type, split or "weights", component])
-        paths.append(_save_figure(fig, out_dir, stem))
+        paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
     return paths
 
 
@@ -221,8 +227,7 @@ def plot_runs(rows, out_dir) -> list[Path]:
         (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
         ax.set_xlabel("step")
         _style(ax, metric, len(runs))
-        stem = "__".join([metric, data_type, split or "weights", component])
-        paths.append(_save_figure(fig, out_dir, stem))
+        paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
     return paths
 
 
