@@ -157,13 +157,13 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
                     heads = range(x.shape[0]) if compound and compound.per_head else [None]
                     for head in heads:
                         try:
-                            where = (data_type, split, comp.name, layer, module, head)
+                            key = (data_type, split, comp.name, layer, module, head)
                             value = _measure(
                                 metric,
                                 params,
                                 x if head is None else x[head],
                                 None if y is None else (y if head is None else y[head]),
-                                ckpt.singular_values(where, x if head is None else x[head])
+                                ckpt.singular_values(key, x if head is None else x[head])
                                 if shares_sv
                                 else None,
                             )
@@ -193,6 +193,8 @@ def compute_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     """The torch device and dtype of the spec keys `device` and `dtype` (auto: a GPU in float32 when
     torch sees one, else the CPU in float64)."""
     name = device
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

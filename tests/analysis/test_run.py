@@ -69,6 +69,8 @@ def test_open_run_errors_name_the_culprit(run, tmp_path):
         r.component("qk_circuit", layer=0, data_type="weights", step=0)
     with pytest.raises(ValueError, match="not a run directory"):
         open_run(tmp_path)
+    with pytest.raises(ValueError, match="^device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        open_run(run, device="gpu")
 
     broken = make_run(tmp_path / "broken", steps=(0,))
     path = broken / "checkpoints" / "step_0" / "learning_dynamics" / "eval.safetensors"
