@@ -7,8 +7,9 @@ Activations (samples × features) for cka / pwcca, weight matrices for per / con
 gini / hoyer. References: Kornblith et al.'s Gram-matrix CKA (center_gram + HSIC), PWCCA by whitening the
 covariances (one CCA), numpy.linalg.svd for spectra, numpy sort for Gini. pico-analyze's PWCCA took 11.0 s
 on 4096×384 on the project's benchmark machine; its ratio is printed from that number. The analysis pass
-compares `pico.analysis.analyze` with a pico-analyze-style loop that reloads every file for every metric and
-computes in NumPy.
+compares `pico.analysis.analyze` (each tensor loaded once per checkpoint, one SVD shared by PER, condition
+number and spectral norm) with a pico-analyze-style loop that reloads every file for every metric and computes
+in NumPy; it asserts that both give the same values.
 """
 
 import argparse
@@ -154,22 +155,22 @@ def metric_table(args):
             )
 
 
-def reference_pass(run: Path, metrics: dict) -> int:
-    """pico-analyze style: for every metric, reload every checkpoint's files and compute in NumPy float64."""
-    count = 0
-    for fn in metrics.values():
+def reference_pass(run: Path, metrics: dict) -> dict:
+    """pico-analyze style: for every metric, reload every checkpoint's files and compute in NumPy float64.
+
+    Returns {(metric, step, split or "weights", tensor key): value}.
+    """
+    values = {}
+    for name, fn in metrics.items():
         for step in list_steps(run):
             ld = run / "checkpoints" / f"step_{step}" / "learning_dynamics"
-            weights = load_file(ld / "weights.safetensors")
-            for w in weights.values():
-                fn(w.astype(np.float64))
-                count += 1
+            for key, w in load_file(ld / "weights.safetensors").items():
+                values[name, step, "weights", key] = fn(w.astype(np.float64))
             for split in ("train", "eval"):
                 for key, g in load_file(ld / f"{split}.safetensors").items():
                     if key.startswith("gradients."):
-                        fn(g.astype(np.float64))
-                        count += 1
-    return count
+                        values[name, step, split, key] = fn(g.astype(np.float64))
+    return values
 
 
 def analysis_table(args):
@@ -188,29 +189,51 @@ def analysis_table(args):
             "metrics": ["per", "condition_number", {"name": "norm", "kind": "spectral"}],
             "data_types": ["weights", "gradients"],
         }
-        start = time.perf_counter()
-        rows = analyze([run], spec, progress=False)
-        pico_s = time.perf_counter() - start
-        start = time.perf_counter()
-        count = reference_pass(
-            run,
-            {
-                "per": REFERENCES["per"],
-                "condition_number": REFERENCES["condition_number"],
-                "norm_spectral": REFERENCES["norm_spectral"],
-            },
+        names = {"per": "per", "condition_number": "condition_number", "norm_spectral": "norm_spectral"}
+        pico_s, ref_s = [], []
+        for _ in range(args.analysis_repeats):  # alternated, so that both see the same machine load
+            start = time.perf_counter()
+            rows = analyze([run], spec, progress=False)
+            pico_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ref = reference_pass(run, {name: REFERENCES[name] for name in names})
+            ref_s.append(time.perf_counter() - start)
+        assert len(ref) == len(rows), (len(ref), len(rows))
+        worst = max(
+            abs(
+                r.value
+                - (
+                    v := ref[
+                        r.metric,
+                        r.step,
+                        r.split or "weights",
+                        f"{r.data_type}.layers.{r.layer}.{r.component}",
+                    ]
+                )
+            )
+            / abs(v)
+            for r in rows
         )
-        ref_s = time.perf_counter() - start
-        assert count == len(rows), (count, len(rows))
+        assert worst < 1e-9, f"analysis and the reference disagree: relative difference {worst:.1e}"
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        ratios = sorted(r / p for r, p in zip(ref_s, pico_s))
         print(
             f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, "
-            f"d_model {args.run_d_model}, "
-            f"per + condition_number + spectral norm of weights and gradients ({len(rows)} values)"
+            f"d_model {args.run_d_model}, per + condition_number + spectral norm of weights and gradients "
+            f"({len(rows)} values, largest relative difference to the reference {worst:.1e}); "
+            f"median of {args.analysis_repeats} runs [min, max]"
         )
-        print(f"{'':<34}{'seconds':>10}{'ratio':>8}")
-        print(f"{'pico.analysis.analyze (' + device + ')':<34}{pico_s:>10.2f}{ref_s / pico_s:>7.1f}x")
-        print(f"{'reload-per-metric NumPy f64':<34}{ref_s:>10.2f}{1.0:>7.1f}x")
+        print(f"{'':<34}{'seconds':>22}{'ratio':>22}")
+        print(
+            f"{'pico.analysis.analyze (' + device + ')':<34}{spread(pico_s):>22}"
+            f"{f'{np.median(ratios):.1f}x [{ratios[0]:.1f}, {ratios[-1]:.1f}]':>22}"
+        )
+        print(f"{'reload-per-metric NumPy f64':<34}{spread(ref_s):>22}{'1.0x':>22}")
+
+
+def spread(seconds: list[float]) -> str:
+    """`median [min, max]` of timings in seconds."""
+    return f"{np.median(seconds):.2f} [{min(seconds):.2f}, {max(seconds):.2f}]"
 
 
 def main():
@@ -228,7 +251,9 @@ def main():
     parser.add_argument("--run-layers", type=int, default=4)
     parser.add_argument("--run-samples", type=int, default=256)
     parser.add_argument("--run-every", type=int, default=100)
+    parser.add_argument("--analysis-repeats", type=int, default=3)
     parser.add_argument("--skip-analysis", action="store_true")
+    parser.add_argument("--skip-metrics", action="store_true", help="only the analysis pass")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes: 1024 samples, 128/256 features, ..."
     )
@@ -240,7 +265,8 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}\n"
     )
-    metric_table(args)
+    if not args.skip_metrics:
+        metric_table(args)
     if not args.skip_analysis:
         analysis_table(args)
 

@@ -4,10 +4,13 @@ r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
     python recipes/analyze.py --run runs/tiny --config recipes/configs/analyze.yaml --plot
     python recipes/analyze.py --run runs/tiny --run runs/small \
         metrics=[cka] compare=runs data_types=[activations]
+    python recipes/analyze.py --run runs/tiny --plot evals=[blimp/acc] \
+        metrics=[condition_number] data_types=[gradients] components=[attention.v_proj]
     python recipes/analyze.py --hub pico-lm/pico-decoder-tiny --revision pico-decoder-tiny-1   # docs/hub.md
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
-metrics.csv, tensorboard/ and, with --plot, plots/*.png. Bad input exits with code 2 and one line.
+metrics.csv, tensorboard/ and, with --plot, plots/*.png (with several runs also plots/runs/*.png in the
+first run's folder: one line per run). Bad input exits with code 2 and one line.
 """
 
 import argparse

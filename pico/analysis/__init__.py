@@ -1,9 +1,10 @@
 """Learning-dynamics analysis: metrics × components × checkpoints → a tidy table, tensorboard scalars, plots.
 
     spec = load_spec("recipes/configs/analyze_ov.yaml", ["steps=[0,1000]"])   # or parse_spec({...})
-    rows = analyze(["runs/tiny"], spec)        # list[Row], the tidy table
+    rows = analyze(["runs/tiny"], spec)        # Rows of Row, the tidy table; rows.to_frame() for pandas
     save(rows, ["runs/tiny"], spec, plot=True)  # runs/tiny/analysis/<name>/{metrics.csv,
                                                 #   tensorboard/, plots/}
+    run = open_run("runs/tiny")                 # one run's tensors and evaluations, for notebooks
 
 Reads the run directory through pico.run_dir (docs/checkpoints.md). Every
 checkpoint is opened once and read lazily: only the tensors a metric asks for, each at most once, straight
@@ -11,9 +12,20 @@ onto the compute device. The spec keys and output format are documented in docs/
 """
 
 from pico.analysis.checkpoints import Checkpoint
-from pico.analysis.compute import Row, analyze, run_names
+from pico.analysis.compute import analyze, compute_device, run_names
+from pico.analysis.evals import EvalRow, eval_rows, read_evals, select_evals
 from pico.analysis.in_situ import in_situ_scalars
-from pico.analysis.output import COLUMNS, plot_rows, read_csv, save, scalar_tag, write_csv, write_tensorboard
+from pico.analysis.output import (
+    COLUMNS,
+    plot_rows,
+    plot_runs,
+    read_csv,
+    save,
+    scalar_tag,
+    write_csv,
+    write_tensorboard,
+)
+from pico.analysis.run import Run, open_run
 from pico.analysis.spec import (
     COMPARE,
     DEFAULT_SPEC,
@@ -26,6 +38,7 @@ from pico.analysis.spec import (
     load_spec,
     parse_spec,
 )
+from pico.analysis.table import Row, Rows
 
 __all__ = [
     "AnalysisSpec",
@@ -36,18 +49,27 @@ __all__ = [
     "DEFAULT_SPEC",
     "DTYPES",
     "MetricSpec",
+    "EvalRow",
     "Row",
+    "Rows",
+    "Run",
     "SPLITS",
     "SpecError",
     "analyze",
+    "compute_device",
+    "eval_rows",
     "in_situ_scalars",
     "load_spec",
+    "open_run",
     "parse_spec",
     "plot_rows",
+    "plot_runs",
     "read_csv",
+    "read_evals",
     "run_names",
     "save",
     "scalar_tag",
+    "select_evals",
     "write_csv",
     "write_tensorboard",
 ]

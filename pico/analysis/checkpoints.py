@@ -1,4 +1,8 @@
-"""One checkpoint's learning dynamics, read lazily through pico.run_dir's layout and key format."""
+"""One checkpoint's learning dynamics, read lazily through pico.run_dir's layout and key format.
+
+Everything derived from a checkpoint is computed once and kept while the Checkpoint lives: the tensors read,
+compound components, and the singular values that every spectral metric of the analysis shares.
+"""
 
 import json
 
@@ -6,6 +10,7 @@ import torch
 
 from pico.components import get_component
 from pico.learning_dynamics import open_dynamics
+from pico.metrics import SingularValues, singular_values
 from pico.run_dir import MODEL, dynamics_file, parse_key, step_dir, tensor_key
 
 
@@ -15,7 +20,8 @@ class Checkpoint:
     def __init__(self, run_dir, step: int, device: torch.device, dtype: torch.dtype):
         self.step, self.device, self.dtype = step, device, dtype
         self.dir = step_dir(run_dir, step)
-        self._files, self._tensors, self._derived, self._config = {}, {}, {}, None
+        self._files, self._keys, self._tensors, self._derived, self._spectra = {}, {}, {}, {}, {}
+        self._config = None
 
     def _file(self, name: str):
         if name not in self._files:
@@ -24,8 +30,10 @@ class Checkpoint:
 
     def modules(self, data_type: str, split: str | None) -> list[str]:
         """Full module names that have `data_type` tensors (in `split`'s file, or weights.safetensors)."""
-        keys = (parse_key(k) for k in self._file(split or "weights").keys())
-        return [key[1] for key in keys if key is not None and key[0] == data_type]
+        file = split or "weights"
+        if file not in self._keys:
+            self._keys[file] = [key for k in self._file(file).keys() if (key := parse_key(k)) is not None]
+        return [module for kind, module in self._keys[file] if kind == data_type]
 
     def load(self, data_type: str, module: str, split: str | None = None) -> torch.Tensor:
         """Tensor `<data_type>.<module>` on the compute device and dtype (weights ignore `split`)."""
@@ -35,15 +43,21 @@ class Checkpoint:
             handle = self._file(file)
             if key not in handle.keys():
                 raise ValueError(f"{dynamics_file(self.dir, file)}: no tensor {key!r}")
-            self._tensors[file, key] = handle.get_tensor(key).to(self.dtype)
+            self._tensors[file, key] = self._read(handle, file, key).to(self.dtype)
         return self._tensors[file, key]
+
+    def _read(self, handle, file: str, key: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # safetensors' own errors do not name the file
+            raise ValueError(f"{dynamics_file(self.dir, file)}: cannot read {key!r} ({e})") from None
 
     def input_ids(self, split: str) -> torch.Tensor | None:
         """The split's input_ids, or None when the file has none."""
         if (split, "input_ids") not in self._tensors:
             handle = self._file(split)
             self._tensors[split, "input_ids"] = (
-                handle.get_tensor("input_ids") if "input_ids" in handle.keys() else None
+                self._read(handle, split, "input_ids") if "input_ids" in handle.keys() else None
             )
         return self._tensors[split, "input_ids"]
 
@@ -63,6 +77,13 @@ class Checkpoint:
         if key not in self._derived:
             self._derived[key] = get_component(name).fn(_SplitSource(self, split), layer, data_type)
         return self._derived[key]
+
+    def singular_values(self, key: tuple, matrix: torch.Tensor) -> SingularValues:
+        """`pico.metrics.singular_values(matrix)` in the compute dtype, computed once per `key`
+        (what the matrix is: data type, split, component, layer, module, head)."""
+        if key not in self._spectra:
+            self._spectra[key] = singular_values(matrix, self.dtype)
+        return self._spectra[key]
 
 
 class _SplitSource:

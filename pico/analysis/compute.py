@@ -3,11 +3,11 @@
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from pico.analysis.checkpoints import Checkpoint
+from pico.analysis.evals import eval_rows, select_evals
 from pico.analysis.spec import (
     DEFAULT_SPEC,
     DTYPES,
@@ -17,25 +17,13 @@ from pico.analysis.spec import (
     SpecError,
     parse_spec,
 )
+from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
-from pico.metrics import get_metric
+from pico.metrics import Metric, get_metric
 from pico.run_dir import list_steps, module_matches
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
-class Row(NamedTuple):
-    """One value of the tidy table; split, layer and head are None where they do not apply."""
-
-    run: str
-    step: int
-    split: str | None
-    data_type: str
-    component: str
-    layer: int | None
-    head: int | None
-    metric: str
-    value: float
+SVD_NORMS = ("nuc", "spectral")  # the norm kinds computed from singular values
 
 
 @dataclass(frozen=True)
@@ -124,9 +112,14 @@ def _selections(ckpt: Checkpoint, comp: ComponentSpec, data_type: str, split: st
     return [p for p in pairs if p[0] in comp.layers]
 
 
-def _measure(metric, params: dict, dtype, x: torch.Tensor, ref: torch.Tensor | None) -> float:
-    kwargs = dict(params, dtype=dtype) if "dtype" in metric.__signature__.parameters else params
-    return float(metric(x, **kwargs) if ref is None else metric(x, ref, **kwargs))
+def _uses_sv(metric: Metric, params: dict) -> bool:
+    """Whether the metric with these parameters computes singular values (norm does for nuc and spectral)."""
+    return metric.takes_sv and (metric.name != "norm" or params.get("kind", "fro") in SVD_NORMS)
+
+
+def _measure(metric: Metric, kwargs: dict, x: torch.Tensor, ref: torch.Tensor | None, sv) -> float:
+    kwargs = kwargs if sv is None else dict(kwargs, sv=sv)
+    return float(metric.fn(x, **kwargs) if ref is None else metric.fn(x, ref, **kwargs))
 
 
 def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, split) -> torch.Tensor:
@@ -139,6 +132,9 @@ def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, spl
 def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, label: str) -> list[Row]:
     """All rows of one metric entry at one checkpoint (compared against `ref` for comparative metrics)."""
     metric, params, rows = get_metric(task.spec.name), dict(task.spec.params), []
+    shares_sv = ref is None and _uses_sv(metric, params)
+    if "dtype" in metric.__signature__.parameters:
+        params["dtype"] = ckpt.dtype
     for data_type in task.data_types:
         for split in (None,) if data_type == "weights" else task.splits:
             if ref is not None and split is not None:
@@ -161,12 +157,15 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
                     heads = range(x.shape[0]) if compound and compound.per_head else [None]
                     for head in heads:
                         try:
+                            key = (data_type, split, comp.name, layer, module, head)
                             value = _measure(
                                 metric,
                                 params,
-                                ckpt.dtype,
                                 x if head is None else x[head],
                                 None if y is None else (y if head is None else y[head]),
+                                ckpt.singular_values(key, x if head is None else x[head])
+                                if shares_sv
+                                else None,
                             )
                         except ValueError as e:
                             where = " ".join(
@@ -190,17 +189,22 @@ def run_names(runs) -> list[str]:
     return names
 
 
-def _device_dtype(spec: AnalysisSpec) -> tuple[torch.device, torch.dtype]:
-    device = spec.device
+def compute_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype of the spec keys `device` and `dtype` (auto: a GPU in float32 when
+    torch sees one, else the CPU in float64)."""
+    name = device
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: {spec.device} asked for, but torch sees no CUDA GPU")
+        raise SpecError(f"device: {name} asked for, but torch sees no CUDA GPU")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[spec.dtype] or (torch.float64 if device.type == "cpu" else torch.float32)
-    return device, dtype
+    if dtype not in DTYPES:
+        raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {dtype!r}")
+    return device, DTYPES[dtype] or (torch.float64 if device.type == "cpu" else torch.float32)
 
 
 def _selected_steps(runs: list[Path], spec: AnalysisSpec) -> tuple[dict, dict]:
@@ -230,8 +234,9 @@ def _target_steps(tasks: list[_Task], runs: list[Path], available: dict) -> dict
     return targets
 
 
-def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True) -> list[Row]:
-    """Compute every metric of `spec` (default: DEFAULT_SPEC) over the checkpoints of each run directory."""
+def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True) -> Rows:
+    """Compute every metric of `spec` (default: DEFAULT_SPEC) over the checkpoints of each run directory,
+    then add the eval.json numbers that `spec.evals` selects (data_type `eval`)."""
     from tqdm.auto import tqdm
 
     spec = spec if isinstance(spec, AnalysisSpec) else parse_spec(DEFAULT_SPEC if spec is None else spec)
@@ -239,7 +244,7 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     if not runs:
         raise ValueError("analyze: no run directories given")
     names = dict(zip(runs, run_names(runs)))
-    device, dtype = _device_dtype(spec)
+    device, dtype = compute_device(spec.device, spec.dtype)
     tasks = _tasks(spec)
     if any(t.compare == "runs" and get_metric(t.spec.name).comparative for t in tasks) and len(runs) < 2:
         raise SpecError("compare: 'runs' compares each run with the first, so it needs at least two --run")
@@ -250,7 +255,7 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     def checkpoint(run, step):
         return pinned.get((run, step)) or Checkpoint(run, step, device, dtype)
 
-    rows = []
+    rows = Rows()
     steps = sorted(set().union(*selected.values()))
     with tqdm(
         total=sum(map(len, selected.values())), desc="analysis", unit="ckpt", disable=not progress
@@ -269,4 +274,9 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
                         ref, label = ckpts[runs[0]], f"{label}@{names[runs[0]]}"
                     rows.extend(_task_rows(names[run], ckpt, task, ref, label))
                 bar.update()
+    for run in runs if spec.evals else ():
+        for e in select_evals(eval_rows(run), spec.evals, run):
+            if spec.steps == "all" or e.step in spec.steps:
+                component = e.task if e.subset is None else f"{e.task}/{e.subset}"
+                rows.append(Row(names[run], e.step, None, "eval", component, None, None, e.metric, e.value))
     return rows

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pico.analysis.compute import Row, run_names
+from pico.analysis.compute import run_names
 from pico.analysis.spec import AnalysisSpec
+from pico.analysis.table import Row, Rows
 from pico.run_dir import analysis_dir
 
 COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "metric", "value")
@@ -27,14 +28,14 @@ def write_csv(rows, path) -> Path:
     return path
 
 
-def read_csv(path) -> list[Row]:
+def read_csv(path) -> Rows:
     """Rows back from a metrics.csv written by `write_csv`."""
 
     def opt(v, cast):
         return None if v == "" else cast(v)
 
     with open(path, newline="") as f:
-        return [
+        return Rows(
             Row(
                 r["run"],
                 int(r["step"]),
@@ -47,11 +48,14 @@ def read_csv(path) -> list[Row]:
                 float(r["value"]),
             )
             for r in csv.DictReader(f)
-        ]
+        )
 
 
 def scalar_tag(row: Row) -> str:
-    """Tensorboard tag `<metric>/<data_type>[/<split>]/<component>[/layer_<l>][/head_<h>]`."""
+    """Tensorboard tag `<metric>/<data_type>[/<split>]/<component>[/layer_<l>][/head_<h>]`; evaluation rows
+    keep the training run's tag, `eval/<task>[/<subset>]/<metric>`."""
+    if row.data_type == "eval":
+        return f"eval/{row.component}/{row.metric}"
     parts = [
         row.metric,
         row.data_type,
@@ -73,78 +77,163 @@ def write_tensorboard(rows, log_dir) -> Path:
     return Path(log_dir)
 
 
+def _mean_by_step(rows) -> tuple[list[int], list[np.ndarray]]:
+    """Steps, ascending, and the values of `rows` at each step."""
+    by_step = defaultdict(list)
+    for r in rows:
+        by_step[r.step].append(r.value)
+    steps = sorted(by_step)
+    return steps, [np.asarray(by_step[s], dtype=float) for s in steps]
+
+
+def _line(ax, rows, color, label, band: bool) -> int:
+    """The mean of `rows` at each step (a band from min to max if `band`); returns the non-finite count."""
+    steps, values = _mean_by_step(rows)
+    finite = [v[np.isfinite(v)] for v in values]
+    ax.plot(
+        steps,
+        [f.mean() if f.size else np.nan for f in finite],
+        marker="o",
+        markersize=3,
+        linewidth=1.5,
+        color=color,
+        label=label,
+    )
+    if band:
+        lo = [f.min() if f.size else np.nan for f in finite]
+        hi = [f.max() if f.size else np.nan for f in finite]
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+    return sum(int((~np.isfinite(v)).sum()) for v in values)
+
+
+def _style(ax, ylabel: str, n_lines: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=7, frameon=False, ncol=1 + n_lines // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _figure(n_evals: int):
+    """A figure with `n_evals` eval panels above the main one, all sharing the step axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.8, 3.4 + 1.5 * n_evals), dpi=150)
+    axes = fig.subplots(n_evals + 1, 1, sharex=True, height_ratios=[1] * n_evals + [2], squeeze=False)[:, 0]
+    return fig, list(axes[:-1]), axes[-1]
+
+
+def _eval_panels(panels, eval_rows, colors) -> None:
+    """One panel per eval series (task[/subset], metric), one line per run, coloured as `colors[run]`."""
+    series = defaultdict(list)
+    for r in eval_rows:
+        series[r.component, r.metric].append(r)
+    for ax, ((component, metric), group) in zip(panels, sorted(series.items())):
+        for run, color in colors.items():
+            mine = [r for r in group if r.run == run]
+            if mine:
+                _line(ax, mine, color, run if len(colors) > 1 else component, band=False)
+        _style(ax, f"{component}\n{metric}", len(colors))
+
+
+def _stem(metric: str, data_type: str, split, component: str) -> str:
+    """`<metric>__<data_type>__<split or weights>__<component>`, or `eval__<task>[/<subset>]__<metric>`."""
+    if data_type == "eval":
+        return f"eval__{component}__{metric}"
+    return "__".join([metric, data_type, split or "weights", component])
+
+
+def _save_figure(fig, out_dir: Path, stem: str) -> Path:
+    fig.tight_layout()
+    path = out_dir / (re.sub(r"[^\w.@=-]+", "_", stem) + ".png")
+    fig.savefig(path)
+    return path
+
+
+def _title(component: str, data_type: str, split, notes: list[str]) -> str:
+    title = f"{component} · {data_type}" + (f" ({split})" if split else "")
+    return "\n".join([title, "; ".join(notes)] if notes else [title])
+
+
+def _n_eval_series(rows) -> int:
+    return len({(r.component, r.metric) for r in rows})
+
+
 def plot_rows(rows, out_dir) -> list[Path]:
     """One PNG per (metric, data type, component, split): the metric against step, one line per layer.
 
     Per-head components plot the mean over heads with a band from the smallest to the largest head.
-    NaN and inf are left out of the lines and counted in the title.
+    NaN and inf are left out of the lines and counted in the title. Evaluation rows (data_type `eval`) get
+    their own PNGs and a panel each above every other plot of their run, on the same step axis.
     """
     from matplotlib import colormaps  # imported here: the tidy table alone needs no plotting library
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    groups = defaultdict(list)
+    groups, evals = defaultdict(list), defaultdict(list)
     for row in rows:
         groups[row.run, row.metric, row.data_type, row.component, row.split].append(row)
+        if row.data_type == "eval":
+            evals[row.run].append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (_run, metric, data_type, component, split), group in sorted(groups.items(), key=str):
-        fig = Figure(figsize=(5.8, 3.4), dpi=150)
-        ax = fig.add_subplot()
+    for (run, metric, data_type, component, split), group in sorted(groups.items(), key=str):
+        panels = [] if data_type == "eval" else evals[run]
+        fig, eval_axes, ax = _figure(_n_eval_series(panels))
+        _eval_panels(eval_axes, panels, {run: "tab:red"})
         layers = sorted({r.layer for r in group}, key=lambda layer: -1 if layer is None else layer)
         hidden, heads = 0, len({r.head for r in group})
         for i, layer in enumerate(layers):
-            by_step = defaultdict(list)
-            for r in group:
-                if r.layer == layer:
-                    by_step[r.step].append(r.value)
-            steps = sorted(by_step)
-            values = [np.asarray(by_step[s], dtype=float) for s in steps]  # one value per head
-            hidden += sum(int((~np.isfinite(v)).sum()) for v in values)
-            finite = [v[np.isfinite(v)] for v in values]
             color = colormaps["viridis"](0.85 * i / max(len(layers) - 1, 1))  # dark blue to green
-            ax.plot(
-                steps,
-                [f.mean() if f.size else np.nan for f in finite],
-                marker="o",
-                markersize=3,
-                linewidth=1.5,
-                color=color,
-                label=component if layer is None else f"layer {layer}",
-            )
-            if heads > 1:
-                ax.fill_between(
-                    steps,
-                    [f.min() if f.size else np.nan for f in finite],
-                    [f.max() if f.size else np.nan for f in finite],
-                    color=color,
-                    alpha=0.2,
-                    lw=0,
-                )
+            label = component if layer is None else f"layer {layer}"
+            hidden += _line(ax, [r for r in group if r.layer == layer], color, label, band=heads > 1)
         notes = [f"mean of {heads} heads, band min to max"] if heads > 1 else []
         notes += [f"{hidden} non-finite values not shown"] if hidden else []
-        title = f"{component} · {data_type}" + (f" ({split})" if split else "")
-        ax.set_title("\n".join([title, "; ".join(notes)] if notes else [title]), fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(
-            fontsize=7, frameon=False, ncol=1 + len(layers) // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0)
-        )
-        fig.tight_layout()
-        stem = "__".join([metric, data_type, split or "weights", component])
-        path = out_dir / (re.sub(r"[^\w.@=-]+", "_", stem) + ".png")
-        fig.savefig(path)
-        paths.append(path)
+        _style(ax, metric, len(layers))
+        paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
+    return paths
+
+
+def plot_runs(rows, out_dir) -> list[Path]:
+    """One PNG per (metric, data type, component, split) comparing runs: one line per run, the mean over
+    layers and heads at each step (a band from the smallest to the largest), eval panels as in plot_rows."""
+    from matplotlib import colormaps
+
+    groups, evals = defaultdict(list), []
+    for row in rows:
+        if row.data_type == "eval":
+            evals.append(row)
+        groups[row.metric, row.data_type, row.component, row.split].append(row)
+    runs = list(dict.fromkeys(r.run for r in rows))
+    colors = {run: colormaps["tab10"](i % 10) for i, run in enumerate(runs)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (metric, data_type, component, split), group in sorted(groups.items(), key=str):
+        panels = [] if data_type == "eval" else evals
+        fig, eval_axes, ax = _figure(_n_eval_series(panels))
+        _eval_panels(eval_axes, panels, colors)
+        hidden, spread = 0, len({(r.layer, r.head) for r in group}) > 1
+        for run, color in colors.items():
+            mine = [r for r in group if r.run == run]
+            if mine:
+                hidden += _line(ax, mine, color, run, band=spread)
+        layers, heads = len({r.layer for r in group}), len({r.head for r in group})
+        notes = [f"mean of {layers} layers" + (f" × {heads} heads" if heads > 1 else "")] if spread else []
+        notes += [f"{hidden} non-finite values not shown"] if hidden else []
+        (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
+        ax.set_xlabel("step")
+        _style(ax, metric, len(runs))
+        paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
     return paths
 
 
 def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
-    """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of
-    that name)."""
+    """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of that
+    name); with several runs and `plot`, also plot_runs' comparison into the first run's `plots/runs/`."""
     written = []
     for run, name in zip(runs, run_names(runs)):
         out = analysis_dir(run, spec.name)
@@ -155,4 +244,6 @@ def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
         written.append(write_tensorboard(mine, out / "tensorboard"))
         if plot:
             written.extend(plot_rows(mine, out / "plots"))
+    if plot and len(runs) > 1:  # the comparison goes with the first run, the reference of compare: runs
+        written.extend(plot_runs(rows, analysis_dir(runs[0], spec.name) / "plots" / "runs"))
     return written

@@ -49,6 +49,7 @@ _TOP_KEYS = (
     "target_step",
     "device",
     "dtype",
+    "evals",
 )
 _METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare", "target_step")
 
@@ -94,6 +95,7 @@ class AnalysisSpec:
     target_step: int | str = "last"
     device: str = "auto"
     dtype: str = "auto"
+    evals: tuple[str, ...] = ()  # eval.json selectors: task, task/metric or task/subset/metric
 
 
 # ---------------------------------------------------------------- spec parsing
@@ -196,6 +198,17 @@ def _metric(entry, i: int) -> MetricSpec:
     )
 
 
+def _evals(value) -> tuple[str, ...]:
+    """`all` or a list of `task`, `task/metric`, `task/subset/metric` selectors of eval.json numbers."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise SpecError(f"evals: expected a list like [blimp/acc, paloma/perplexity], got {value!r}")
+    for i, item in enumerate(items):
+        if not 1 <= len(item.split("/")) <= 3 or not all(item.split("/")):
+            raise SpecError(f"evals[{i}]: expected task, task/metric or task/subset/metric, got {item!r}")
+    return tuple(items)
+
+
 def parse_spec(raw: dict) -> AnalysisSpec:
     """Validate a spec mapping (as read from YAML); a SpecError names the first bad key."""
     if not isinstance(raw, dict):
@@ -230,6 +243,7 @@ def parse_spec(raw: dict) -> AnalysisSpec:
         components=_components(raw["components"], "components") if "components" in raw else None,
         compare=_compare(raw.get("compare", "steps"), "compare"),
         target_step=_target(raw.get("target_step", "last"), "target_step"),
+        evals=_evals(raw.get("evals", [])),
     )
 
 

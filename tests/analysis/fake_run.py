@@ -1,12 +1,13 @@
 """Generate a small run directory in pico.run_dir's layout, with real safetensors files and no training."""
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pico.run_dir import LATEST, MODEL, checkpoints_dir, dynamics_file, step_dir, step_name
+from pico.run_dir import EVAL, LATEST, MODEL, checkpoints_dir, dynamics_file, step_dir, step_name
 
 MODULES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 
@@ -17,6 +18,22 @@ def _shapes(d_model: int, n_heads: int, n_kv_heads: int, hidden: int) -> dict[st
         "attention.v_proj": (n_kv_heads * d_head, d_model),
         "attention.o_proj": (d_model, n_heads * d_head),
         "swiglu.w_2": (d_model, hidden),
+    }
+
+
+def eval_json(step: int) -> dict:
+    """eval.json of `step` as pico.checkpoint writes it: paloma, blimp (subsets, fields), a failed task."""
+    loss = 5.0 - step / 100
+    return {
+        "step": step,
+        "paloma": {"loss": loss, "perplexity": math.exp(loss), "tokens": 1024, "n": 8},
+        "blimp": {
+            "acc": 0.5 + step / 100,
+            "n": 20,
+            "subsets": {"anaphor_gender_agreement": {"acc": 0.4 + step / 100, "n": 10}},
+            "fields": {"morphology": {"acc": 0.6 + step / 100, "n": 20}},
+        },
+        "hellaswag": {"error": "the Hub is unreachable"},
     }
 
 
@@ -34,12 +51,14 @@ def make_run(
     seed: int = 0,
     nan: tuple[int, str] | None = None,
     dtype: torch.dtype = torch.float32,
+    evals: bool = False,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<N>/{model/config.json, learning_dynamics/*.safetensors}`
     for each step.
 
     Tensors drift smoothly with the step. `nan=(step, key)` puts a NaN into that tensor. A `step_5/` with a
-    model but no learning_dynamics/ is written too, which analysis must skip.
+    model but no learning_dynamics/ is written too, which analysis must skip. `evals` writes an eval.json per
+    step (`eval_json(step)`; the first step's in the old `{"perplexity": ...}` shape).
     """
     run_dir = Path(run_dir)
     g = torch.Generator().manual_seed(seed)
@@ -89,6 +108,11 @@ def make_run(
                 path,
                 metadata={"step": str(step), "split": split},
             )
+        if evals:
+            results = eval_json(step)
+            if step == steps[0]:  # eval.json before the task registry: perplexity only, under "perplexity"
+                results = {"step": step, "perplexity": results["paloma"]}
+            (ckpt / EVAL).write_text(json.dumps(results))
     (step_dir(run_dir, 5) / MODEL).mkdir(parents=True, exist_ok=True)
     (checkpoints_dir(run_dir) / LATEST).write_text(step_name(max(steps)))
     return run_dir

@@ -281,5 +281,5 @@ def test_cli_bad_key_exits_2(run):
     assert result.stderr.strip().splitlines() == [
         "error: metricz: unknown key (allowed: name, steps, splits, data_types, components, metrics, "
         "compare, "
-        "target_step, device, dtype)"
+        "target_step, device, dtype, evals)"
     ]
