@@ -287,7 +287,13 @@ def _validate(cfg: Config) -> None:
     model = cfg.model_config()
     if cfg.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
-    e = cfg.evaluation
+    _validate_evaluation(cfg.evaluation)
+    _validate_learning_dynamics(cfg.learning_dynamics)
+    _validate_checkpointing(cfg.checkpointing)
+
+
+def _validate_evaluation(e: EvaluationConfig) -> None:
+    """Task names are known and configured once; limits and batch sizes are positive."""
     for i, task in enumerate(e.tasks):
         if task.name not in TASK_NAMES:
             raise ConfigError(
@@ -303,7 +309,11 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"evaluation.tasks[{i}].{key}: must be positive, got {getattr(task, key)}")
     if e.max_batches is not None and e.max_batches < 1:
         raise ConfigError(f"evaluation.max_batches: must be positive or null, got {e.max_batches}")
-    for name in cfg.learning_dynamics.metrics:  # in-situ metrics take one tensor
+
+
+def _validate_learning_dynamics(ld: LearningDynamicsConfig) -> None:
+    """In-situ metrics exist and take one tensor; capture names at least one layer."""
+    for name in ld.metrics:
         try:
             comparative = get_metric(name).comparative
         except ValueError as e:
@@ -314,8 +324,14 @@ def _validate(cfg: Config) -> None:
                 "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
                 "pico.analysis"
             )
-    _validate_hub(cfg.checkpointing)
-    ck = cfg.checkpointing
+    if ld.enabled and not ld.layers:
+        raise ConfigError(
+            "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"
+        )
+
+
+def _validate_checkpointing(ck: CheckpointingConfig) -> None:
+    """overwrite goes with resume: never; the run directory is no file; the Hub settings are well-formed."""
     if ck.overwrite and ck.resume != "never":
         raise ConfigError(
             f"checkpointing.overwrite: true needs checkpointing.resume=never, got {ck.resume!r}"
@@ -326,10 +342,7 @@ def _validate(cfg: Config) -> None:
             if not path.is_dir():
                 raise ConfigError(f"checkpointing.run_dir: {path} is a file, not a directory")
             break
-    if cfg.learning_dynamics.enabled and not cfg.learning_dynamics.layers:
-        raise ConfigError(
-            "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"
-        )
+    _validate_hub(ck)
 
 
 def _validate_hub(ck: CheckpointingConfig) -> None:
