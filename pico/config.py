@@ -302,10 +302,12 @@ def _validate(cfg: Config) -> None:
         )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), cls: type[Config] = Config
+) -> Config:
     """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate;
-    raise ConfigError."""
-    cfg = _build(Config, load_tree(path, overrides), "")
+    raise ConfigError. A fork passes `cls`, a `Config` subclass with its own sections."""
+    cfg = _build(cls, load_tree(path, overrides), "")
     _validate(cfg)
     return cfg
 
