@@ -36,11 +36,11 @@ def write_shards(directory: Path, rows: int, seed: int, files: int = 2) -> Path:
 KILL_AT = Path(__file__).with_name("kill_at.py")
 
 
-def launch(args, nproc=1, env=None, check=True, nnodes=None, kill_at=None):
+def launch(args, nproc=1, env=None, check=True, nnodes=None, kill_at=None, recipe="recipes/pretrain.py"):
     """Run the recipe: plain python for one process, ./torchrun.sh otherwise; `kill_at="<step>:<phase>"` runs
     it through tests/recipes/kill_at.py, which SIGKILLs rank 0 at that checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    script = [str(KILL_AT), kill_at] if kill_at else ["recipes/pretrain.py"]
+    script = [str(KILL_AT), kill_at, recipe] if kill_at else [recipe]
     if nproc == 1 and nnodes is None:
         cmd = [sys.executable, *script, *args]
     else:
