@@ -8,7 +8,7 @@ plain, DDP-wrapped or FSDP2-sharded. This module holds the hooks only: the colle
 pico.distributed and the file format in pico.learning_dynamics.
 """
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -135,6 +135,10 @@ class Capture:
 def _full_weights(modules: dict[str, nn.Module], dtype: torch.dtype, grad: bool) -> dict[str, torch.Tensor]:
     result = {}
     for name, module in modules.items():
+        if hasattr(module, "effective_weight"):  # it computes with another weight than .weight
+            tensor = module.effective_grad() if grad else module.effective_weight()
+            result[name] = full_tensor(tensor.detach()).to("cpu", dtype, copy=True)  # (out, in)
+            continue
         tensor = _weight(name, module)
         if grad:
             if tensor.grad is None:
@@ -154,19 +158,18 @@ def capture(model: nn.Module, layers=DEFAULT_LAYERS, positions: str = "last"):
     inside the block (positions "last": `[:, -1, :]`, or "all"); hooks are removed on exit, also on error.
 
     Module names are reported without wrapper prefixes (DDP `module.`, `_orig_mod.`,
-    `_checkpoint_wrapped_module.`), e.g. `layers.3.attention.v_proj`.
+    `_checkpoint_wrapped_module.`), e.g. `layers.3.attention.v_proj`. A module that computes with an
+    effective weight is captured through it (docs/learning_dynamics.md, "Modules with an effective weight").
     """
     if positions not in POSITIONS:
         raise ValueError(f"learning_dynamics.positions={positions!r} is not one of {POSITIONS}")
     cap = Capture(find_modules(model, layers), positions)
-    handles = []
-    try:
+    with ExitStack() as stack:
         for name, module in cap.modules.items():
-            handles.append(module.register_forward_hook(cap.hook(name)))
+            if hasattr(module, "track_effective_grad"):
+                stack.enter_context(module.track_effective_grad())
+            stack.callback(module.register_forward_hook(cap.hook(name)).remove)
         yield cap
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def capture_weights(

@@ -236,15 +236,26 @@ def set_rng_state(state: dict) -> None:
 def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None) -> None:
     """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there.
 
-    A model with modules the Llama layout cannot express is refused (ValueError naming the module).
+    A model with modules the Llama layout cannot express is refused (ValueError naming the module); a module
+    with an `effective_weight()` is written as the nn.Linear it computes (docs/model.md).
     """
-    from pico.model.hf import export_problem, export_state, save_pretrained, save_tokenizer, special_token_ids
+    from pico.capture import module_name
+    from pico.model.hf import (
+        export_problem,
+        export_state,
+        save_pretrained,
+        save_tokenizer,
+        special_token_ids,
+        with_effective_weights,
+    )
 
     problem = export_problem(unwrap(model))
     if problem:
         raise ValueError(f"HF export: {problem}")
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    merged = {module_name(n): m for n, m in unwrap(model).named_modules() if hasattr(m, "effective_weight")}
+    state = with_effective_weights(state, merged)  # e.g. a LoRA linear's W + s·B·A, on every rank
     if not is_main():
         return
     state = export_state(unwrap(model), state)  # without the training-only modules

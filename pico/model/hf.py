@@ -87,11 +87,14 @@ def export_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[
 def export_problem(model: nn.Module) -> str | None:
     """Why `model` cannot be written in the Llama layout (the first module of another kind), or None.
 
-    Its `training_only` modules (PicoDecoder.training_only) are left out of the export and not checked."""
+    Its `training_only` modules (PicoDecoder.training_only) are left out of the export and not checked; a
+    module that defines `effective_weight()` where an nn.Linear is expected is written as that Linear."""
     for name, module in model.named_modules():
         if _training_only(model, name):
             continue
         kind = _MODULE_KINDS.get(name.rsplit(".", 1)[-1])
+        if kind is nn.Linear and hasattr(module, "effective_weight"):
+            continue
         if kind is not None and type(module) is not kind:
             return (
                 f"module {name} is a {type(module).__name__}, which the Llama layout cannot express "
@@ -100,6 +103,21 @@ def export_problem(model: nn.Module) -> str | None:
         if kind is None and next(module.parameters(recurse=False), None) is not None:
             return f"module {name} ({type(module).__name__}) has parameters with no Llama counterpart"
     return None
+
+
+def with_effective_weights(
+    state_dict: dict[str, torch.Tensor], modules: dict[str, nn.Module]
+) -> dict[str, torch.Tensor]:
+    """`state_dict` with each of `modules` ({name: module with `effective_weight()`}, e.g. a LoRA linear)
+    written as the nn.Linear it computes: its entries replaced by `<name>.weight`, its effective weight.
+
+    `effective_weight()` may be a collective (under FSDP2): call this on every rank.
+    """
+    state = dict(state_dict)
+    for name, module in modules.items():
+        state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+        state[f"{name}.weight"] = module.effective_weight().detach().to("cpu")  # (out, in)
+    return state
 
 
 def llama_config(
@@ -219,7 +237,9 @@ def save_pretrained(
         problem = export_problem(model_or_state_dict)
         if problem:
             raise ValueError(f"save_pretrained: {problem}")
-        state_dict = export_state(model_or_state_dict, model_or_state_dict.state_dict())
+        merged = {n: m for n, m in model_or_state_dict.named_modules() if hasattr(m, "effective_weight")}
+        state = with_effective_weights(model_or_state_dict.state_dict(), merged)
+        state_dict = export_state(model_or_state_dict, state)
     _check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) != 1:

@@ -1,0 +1,279 @@
+"""ReLoRA pretraining: `[./torchrun.sh] python recipes/relora.py --config FILE [section.key=value]`.
+
+recipes/pretrain.py with ReLoRA (Lialin et al. 2023): every attention and SwiGLU linear is a frozen W plus a
+trainable low-rank s·B·A, merged into W every `relora.reset_every` steps, under a jagged cosine schedule
+(docs/case_studies.md, "ReLoRA").
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from relora_modules import lora_modules, relora_reset, wrap_lora
+
+import pico.config
+from pico.analysis import in_situ_scalars
+from pico.capture import capture_weights, check_capture, prepare_compile
+from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
+from pico.config import ConfigError, save_config
+from pico.data import DataError, TokenStream, find_tokenizer, read_batch
+from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
+from pico.evaluation import evaluate_tasks, load_tasks
+from pico.logging import TrainLogger, exit_on, peak_flops
+from pico.model import PicoDecoder
+from pico.model.hf import export_problem
+from pico.run_dir import CONFIG, checkpoints_dir, resolve_resume
+from pico.training import apply_update, captured_step, train_step
+
+
+@dataclass
+class ReLoRAConfig:
+    """The `relora:` section: the LoRA factors, and when and how they are merged and reset."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    trainable_scale: bool = False
+    reset_every: int = 2000
+    restart_warmup_steps: int = 100
+    optimizer_reset: Literal["random", "magnitude"] = "random"
+    prune_ratio: float = 0.999
+    target_modules: list[str] = field(
+        default_factory=lambda: [f"attention.{p}_proj" for p in "qkvo"] + [f"swiglu.w_{i}" for i in range(3)]
+    )
+
+
+@dataclass
+class Config(pico.config.Config):
+    """pico's run config plus the `relora:` section."""
+
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+
+
+def load_config(path, overrides) -> Config:
+    """pico.config.load_config with the `relora:` section, validated as strictly; raise ConfigError."""
+    cfg = pico.config.load_config(path, overrides, cls=Config)
+    rl = cfg.relora
+    checks = {
+        "r": (rl.r >= 1, "positive"),
+        "alpha": (rl.alpha > 0, "positive"),
+        "reset_every": (rl.reset_every >= 1, "positive"),
+        "restart_warmup_steps": (
+            0 <= rl.restart_warmup_steps <= rl.reset_every,
+            "in [0, relora.reset_every]",
+        ),
+        "dropout": (0 <= rl.dropout < 1, "in [0, 1)"),
+        "prune_ratio": (0 <= rl.prune_ratio <= 1, "in [0, 1]"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise ConfigError(f"relora.{key}: must be {expected}, got {getattr(rl, key)}")
+    if not rl.target_modules:
+        raise ConfigError("relora.target_modules: empty; train with recipes/pretrain.py for no LoRA")
+    if cfg.training.schedule != "cosine":
+        raise ConfigError(
+            f"training.schedule: {cfg.training.schedule!r}; ReLoRA's jagged cosine needs 'cosine'"
+        )
+    return cfg
+
+
+def is_reset(step, t, rl):
+    """Whether the LoRA factors are merged and reset before update step+1: every `reset_every` steps
+    after warmup."""
+    return step > 0 and step % rl.reset_every == 0 and step >= t.warmup_steps
+
+
+def lr_lambda(t, rl):
+    """The jagged cosine: linear warmup to `lr`, a cosine to `min_lr_ratio · lr` at `max_steps`, and after
+    each reset a linear re-warmup over `restart_warmup_steps` to the cosine's value at its end."""
+
+    def cosine(step):
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def factor(step):
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        since = step % rl.reset_every  # steps since the last reset, if there was one
+        if since < rl.restart_warmup_steps and is_reset(step - since, t, rl):
+            return (since + 1) / rl.restart_warmup_steps * cosine(step - since + rl.restart_warmup_steps)
+        return cosine(step)
+
+    return factor
+
+
+def build_optimizer(model, t):
+    """AdamW; weight decay only on matrices (norm gains and other 1-D parameters are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+
+
+def build_model(model_cfg, seed, device, rl):
+    """The model on the meta device, materialised and initialised from the seed (the same on every rank),
+    then its target linears wrapped in LoRA linears: W as pretrain.py initialises it, B A = 0."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = PicoDecoder(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    wrap_lora(model, rl, seed)
+    return model
+
+
+def evaluate(model, tasks, device, precision, log, step):
+    """Every evaluation task on W_step, sharded over ranks, logged; a task that fails is recorded as
+    {"error": ...} so that training and the checkpoint go on."""
+    results = {}
+    for task in tasks:
+        try:
+            results.update(evaluate_tasks(model, [task], device, precision))
+        except Exception as e:  # any failure of one task (the same on every rank)
+            results[task.name] = {"error": str(e)}
+    log.evals(step, results)
+    return results
+
+
+def main(argv=None):
+    """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    with exit_on("config error", ConfigError):
+        cfg = load_config(args.config, args.overrides)
+    t, d, ld, ck, rl = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing, cfg.relora
+    dist, run_dir, model_cfg = init_distributed(), os.path.expanduser(ck.run_dir), cfg.model_config()
+
+    # Build: the model (then parallelized), optimizer, schedule, data, and the fixed eval batch.
+    with exit_on("config error", ValueError):
+        model = build_model(model_cfg, t.seed, dist.device, rl)
+    flops_per_token, n_params = model.flops_per_token(d.seq_len), model.num_params()
+    no_export = export_problem(model)  # a fork whose modules the Llama layout cannot express
+    with exit_on("config error", ValueError):
+        check_capture(model, ld, dist.world_size)
+    if ld.enabled and t.compile:
+        prepare_compile()  # so that capture's hooks reach the compiled blocks
+    model = parallelize(
+        model, t.strategy, dist.world_size, dist.device, t.precision, t.activation_checkpointing, t.compile
+    )
+    optimizer = build_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, rl))
+    with exit_on("data error", ValueError):  # a batch split that does not divide, or unreadable data
+        stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
+        eval_all = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
+        if ld.enabled and ld.eval_data:
+            eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
+    tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs(dist.world_size)
+    with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
+        tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
+
+    # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
+    first_step, resume_from = 0, resolve_resume(run_dir, ck.resume)
+    if resume_from is not None:
+        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream)
+    elif is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, CONFIG))
+    log = TrainLogger(run_dir, t.max_steps)
+    strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
+    origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
+    accum = stream.accumulation_steps
+    log.print(
+        f"pico | {n_params / 1e6:.2f}M params | {strategy} x{dist.world_size} | accum {accum} | {origin}"
+    )
+    if no_export:
+        log.print(f"checkpoints hold no HF model/: {no_export}")
+    peak, skipped = peak_flops(dist.device), 0
+
+    def measure(step):
+        """The checkpoint step's part on W_step before the training batch: evaluation, then the eval split
+        (without LoRA dropout)."""
+        model.eval()
+        evals = evaluate(model, tasks, dist.device, t.precision, log, step) if tasks else None
+        ckpt = CheckpointStep(step, {}, evals=evals)
+        if eval_all is not None:  # its gradients are kept apart from the training ones
+            optimizer.zero_grad(set_to_none=True)
+            rows = eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)  # this rank's share
+            _, ckpt.dynamics["eval"] = captured_step(
+                model, [rows], ld.layers, ld.positions, t.precision, eval_all
+            )
+        model.train()
+        return ckpt
+
+    def save(ckpt):
+        """Write step_<N> (and log its in-situ metrics); returns the seconds it took."""
+        start = time.perf_counter()
+        save_checkpoint(run_dir, ckpt, model, optimizer, tokenizer, not no_export, ld.positions, ld.dtype)
+        log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
+        return time.perf_counter() - start
+
+    # The loop. The weights are W_step at the top. A checkpoint step measures W_step (evaluation and the eval
+    # split), captures the train split on the real forward/backward of update step+1, and saves it all
+    # before that update is applied. The step a run resumed from is saved already.
+    for step in range(first_step, t.max_steps + 1):
+        due = step % ck.save_every == 0 or step == t.max_steps
+        saved = resume_from is not None and step == first_step
+        if is_reset(step, t, rl) and not saved:  # a checkpoint at this step holds the state after the reset
+            zeroed = relora_reset(model, optimizer, rl, t.seed, step)
+            resets = sum(is_reset(k, t, rl) for k in range(step + 1))
+            log.scalars(step, {"relora/resets": resets, "relora/optimizer_state_zeroed": zeroed})
+        t_measure = time.perf_counter()
+        ckpt = measure(step) if due and not saved else None
+        t_measure = time.perf_counter() - t_measure
+        optimizer.zero_grad(set_to_none=True)
+        state, t0 = train_state(step, scheduler, stream), time.perf_counter()
+        last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
+        capturing = ckpt is not None and ld.enabled
+        batches = stream.next_batch() if not last or (capturing and stream.has_batch(step)) else None
+        if batches and capturing:
+            loss, ckpt.dynamics["train"] = captured_step(model, batches, ld.layers, ld.positions, t.precision)
+        elif batches and not last:
+            loss = train_step(model, batches, t.precision)
+        if ckpt is not None:
+            ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
+            t_save = save(ckpt)
+            log.checkpoint(step, t_measure + t_save)
+            t0 += t_save  # tokens/s counts training time only
+        if last:
+            break
+
+        grad_norm, applied = apply_update(model, optimizer, loss, t.grad_clip)
+        if not applied:  # the update is dropped; the step (and its batch) still counts
+            skipped += 1
+            log.scalars(step, {"train/nonfinite_steps": skipped})
+            verdict = "update skipped" if t.nan_policy == "skip" else "stopping"
+            log.print(
+                f"step {step + 1}: non-finite loss {loss.item()} / grad norm {grad_norm.item()}: {verdict}"
+            )
+            if t.nan_policy == "stop":
+                if ckpt is None and not saved:
+                    save(CheckpointStep(step, state))
+                log.close()
+                cleanup()
+                sys.exit(3)
+        scheduler.step()
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
+            tokens_per_s = d.batch_size * d.seq_len / (time.perf_counter() - t0)
+            mfu = tokens_per_s * flops_per_token / (peak * dist.world_size) if peak else None
+            log.train(step + 1, loss.item(), scheduler.get_last_lr()[0], grad_norm.item(), tokens_per_s, mfu)
+            if rl.trainable_scale:
+                scales = torch.cat([m.scaling() for m in lora_modules(model)])
+                log.scalars(step + 1, {"relora/scale_mean": scales.mean().item()})
+    stream.close()
+    log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
+    log.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    with exit_on("data error", DataError):  # a bad row met mid-run: one line, exit 2
+        main()
