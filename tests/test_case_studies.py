@@ -2,36 +2,11 @@
 shortened by overrides."""
 
 import csv
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_case_studies_end_to_end(tmp_path, tarball):
+def test_case_studies_end_to_end(tmp_path, run_demo_script):
     runs = tmp_path / "runs"
-    (tmp_path / "cache" / "downloads").mkdir(parents=True)
-    shutil.copy(tarball, tmp_path / "cache" / "downloads")  # the demo's own download, done once per session
-    env = {**os.environ, "PICO_CACHE": str(tmp_path / "cache"), "ROOT": str(runs), "NPROC_PER_NODE": "2"}
-    overrides = [
-        "training.max_steps=4",
-        "checkpointing.save_every=2",
-        "data.batch_size=8",
-        "data.micro_batch_size=2",
-        "learning_dynamics.eval_batch_size=8",
-        "evaluation.max_batches=1",
-    ]
-    proc = subprocess.run(
-        ["bash", "recipes/case_studies.sh", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_demo_script("case_studies.sh", {"ROOT": str(runs)})
     for run in ("base", "relora", "maml"):
         assert (runs / run / "checkpoints" / "latest").read_text().strip() == "step_4", run
     rows = list(csv.DictReader(open(runs / "relora" / "analysis" / "case_studies" / "metrics.csv")))

@@ -2,42 +2,11 @@
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_job_end_to_end(tmp_path, tarball):
+def test_demo_job_end_to_end(tmp_path, run_demo_script):
     run_dir = tmp_path / "run"
-    (tmp_path / "cache" / "downloads").mkdir(parents=True)
-    shutil.copy(tarball, tmp_path / "cache" / "downloads")  # the demo's own download, done once per session
-    env = {
-        **os.environ,
-        "PICO_CACHE": str(tmp_path / "cache"),
-        "RUN_DIR": str(run_dir),
-        "NPROC_PER_NODE": "2",
-    }
-    overrides = [
-        "training.max_steps=4",
-        "checkpointing.save_every=2",
-        "data.batch_size=8",
-        "data.micro_batch_size=2",
-        "learning_dynamics.eval_batch_size=8",
-        "evaluation.max_batches=1",
-        "logging.log_every=1",
-    ]
-    proc = subprocess.run(
-        ["bash", "recipes/demo.sh", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_demo_script("demo.sh", {"RUN_DIR": str(run_dir)})
     out = proc.stdout
     assert "held-out loss at step_4" in out and "unigram entropy of the held-out text" in out
     assert f"tensorboard --logdir {run_dir}" in out
