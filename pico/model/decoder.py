@@ -127,6 +127,10 @@ class PicoDecoder(nn.Module):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.de_embedding_proj(self.hidden(input_ids))  # (B, T, V)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, C), what the output layer maps to logits."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(
@@ -137,8 +141,7 @@ class PicoDecoder(nn.Module):
         x = self.embedding_proj(input_ids)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin)  # (B, T, C)
-        x = self.output_norm(x)  # (B, T, C)
-        return self.de_embedding_proj(x)  # (B, T, V)
+        return self.output_norm(x)  # (B, T, C)
 
     @torch.no_grad()
     def init_rope(self):
