@@ -14,7 +14,7 @@ import torch
 
 from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
-from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
+from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, train_state
 from pico.config import ConfigError, load_config, save_config
 from pico.data import DataError, TokenStream, find_tokenizer, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
@@ -42,13 +42,13 @@ def lr_lambda(t):
 
 
 def build_optimizer(model, t):
-    """AdamW; weight decay only on matrices (norm gains and other 1-D parameters are not decayed)."""
+    """AdamW (fused: one kernel for all parameters); weight decay only on matrices, not on 1-D parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 def build_model(model_cfg, seed, device):
@@ -124,9 +124,11 @@ def main(argv=None):
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
+    writer = CheckpointWriter(run_dir, tokenizer, not no_export, ld.positions, ld.dtype)
 
     def measure(step):
-        """The checkpoint step's part on W_step before the training batch: evaluation, then the eval split."""
+        """(ckpt, seconds) of the checkpoint step's part on W_step: evaluation, then the eval split."""
+        start = time.perf_counter()
         evals = evaluate(model, tasks, dist.device, t.precision, log, step) if tasks else None
         ckpt = CheckpointStep(step, {}, evals=evals)
         if eval_all is not None:  # its gradients are kept apart from the training ones
@@ -135,12 +137,12 @@ def main(argv=None):
             _, ckpt.dynamics["eval"] = captured_step(
                 model, [rows], ld.layers, ld.positions, t.precision, eval_all
             )
-        return ckpt
+        return ckpt, time.perf_counter() - start
 
-    def save(ckpt):
-        """Write step_<N> (and log its in-situ metrics); returns the seconds it took."""
+    def save(ckpt, wait=False):
+        """Write step_<N> in the background (`wait`: and wait), log in-situ metrics; seconds blocked."""
         start = time.perf_counter()
-        save_checkpoint(run_dir, ckpt, model, optimizer, tokenizer, not no_export, ld.positions, ld.dtype)
+        writer.save(ckpt, model, optimizer, wait)
         log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
         return time.perf_counter() - start
 
@@ -150,9 +152,7 @@ def main(argv=None):
     for step in range(first_step, t.max_steps + 1):
         due = step % ck.save_every == 0 or step == t.max_steps
         saved = resume_from is not None and step == first_step
-        t_measure = time.perf_counter()
-        ckpt = measure(step) if due and not saved else None
-        t_measure = time.perf_counter() - t_measure
+        ckpt, t_eval = measure(step) if due and not saved else (None, 0.0)
         optimizer.zero_grad(set_to_none=True)
         state, t0 = train_state(step, scheduler, stream), time.perf_counter()
         last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
@@ -164,8 +164,8 @@ def main(argv=None):
             loss = train_step(model, batches, t.precision)
         if ckpt is not None:
             ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
-            t_save = save(ckpt)
-            log.checkpoint(step, t_measure + t_save)
+            t_save = save(ckpt, wait=last)  # the end of training waits for the last write
+            log.checkpoint(step, t_save, t_eval, writer.written())
             t0 += t_save  # tokens/s counts training time only
         if last:
             break
@@ -180,7 +180,7 @@ def main(argv=None):
             )
             if t.nan_policy == "stop":
                 if ckpt is None and not saved:
-                    save(CheckpointStep(step, state))
+                    save(CheckpointStep(step, state), wait=True)
                 log.close()
                 cleanup()
                 sys.exit(3)
