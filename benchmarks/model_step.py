@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Compile from scratch in every run, so that the first compiled step shows the whole compile cost.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pico.model import PicoDecoder, PicoDecoderConfig  # noqa: E402
@@ -127,6 +130,7 @@ def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> 
     """Per implementation, tokens/s of each repetition (the median of its steps; steps alternate), and
     the seconds of its first step (compilation included)."""
     rows = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    torch._dynamo.reset()  # compiled blocks of an earlier vocab size would be reused otherwise
     steps = {name: make_step(build(impl, config, device), impl, device) for name, impl in impls.items()}
     first = {}
     for _ in range(args.warmup):

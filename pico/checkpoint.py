@@ -5,6 +5,7 @@ The layout is pico.run_dir's (docs/checkpoints.md); this module fills a step dir
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import pico.run_dir
-from pico.distributed import barrier, is_main, unwrap
+from pico.distributed import barrier, is_main, new_gloo_group, unwrap
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.run_dir import EVAL, MODEL, STATE, checkpoints_dir, new_step_dir
 
@@ -70,13 +70,13 @@ class CheckpointWriter:
         learning_dynamics/, eval.json) and write it in the background; `wait`: also wait for this one."""
         self.wait()
         tmp = new_step_dir(self.run_dir, ckpt.step)
-        state = {"model": get_model_state_dict(model), "extra": ckpt.train_state}
+        state = {"model": get_model_state_dict(model), "extra": copy.deepcopy(ckpt.train_state)}
         # Before the first update the optimizer has no state and none is saved: asking DCP for it would
         # run a zero-lr step that advances AdamW's step counter and so change the run.
         if optimizer.state:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
-        if dist.is_initialized() and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+        if self._group is None:
+            self._group = new_gloo_group()
         upload = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
         weights = export_weights(model) if self.export else None
         config = unwrap(model).config
@@ -112,21 +112,6 @@ class CheckpointWriter:
         if is_main():
             pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
         return ckpt.step, time.perf_counter() - start
-
-
-def save_checkpoint(
-    run_dir,
-    ckpt: CheckpointStep,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tokenizer: Path | None = None,
-    export: bool = True,
-    positions: str = "last",
-    dtype: str = "float32",
-) -> None:
-    """Write `step_<N>/` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) atomically
-    and return once it is published. A collective: every rank calls it."""
-    CheckpointWriter(run_dir, tokenizer, export, positions, dtype).save(ckpt, model, optimizer, wait=True)
 
 
 def train_state(step: int, scheduler, stream) -> dict:
