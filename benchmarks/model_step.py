@@ -3,14 +3,15 @@
 One step = forward + loss + backward + AdamW, both with `torch.optim.AdamW(fused=True)` (what the HF
 Trainer uses by default, `adamw_torch_fused`). pico's step is `pico.training.train_step`, the recipe's
 default: the output layer and the loss fused and chunked over tokens. HF's is `model(ids).logits` then
-`F.cross_entropy`. Steps of all implementations alternate so load drift on a shared machine hits each
-alike; a repetition is `--steps` timed steps each, and the tokens/s ratio is reported as the median over
-`--reps` repetitions with its min–max spread. Peak memory is measured per implementation in its own
-subprocess: the peak RSS of a step over the RSS before it (CPU), or the allocator's peak (CUDA), after a
-warm-up step. CPU runs
-in fp32; CUDA (when present) under bf16 autocast. `--levers` adds pico variants with one lever undone.
+`F.cross_entropy`. Steps of all implementations alternate, so load drift on a shared machine hits each
+alike; a repetition is `--steps` rounds of one step each, its ratio the median of its rounds' paired
+ratios (hf-llama's step time / the implementation's), reported as the median over `--reps` repetitions
+with their min–max spread. Peak memory is measured per implementation in its own subprocess, after a
+warm-up step: the peak RSS of a step above the RSS before it (CPU), or the allocator's peak (CUDA). CPU
+runs in fp32 on `--threads` threads; CUDA (when present) under bf16 autocast. `--levers` adds pico
+variants with one lever undone, and per-block `torch.compile` with its compile time amortised.
 
-    python benchmarks/model_step.py [--vocab-sizes 8192 50304] [--reps 3] [--steps 4] [--levers]
+    python benchmarks/model_step.py [--vocab-sizes 8192 50304] [--reps 3] [--steps 5] [--levers]
 """
 
 import argparse
@@ -127,8 +128,9 @@ def measure_memory(name: str, vocab: int, args, device: str) -> dict:
 
 
 def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> tuple[dict, dict]:
-    """Per implementation, tokens/s of each repetition (the median of its steps; steps alternate), and
-    the seconds of its first step (compilation included)."""
+    """Per implementation: tokens/s of each repetition (the median of its steps), the ratio to hf-llama of
+    each repetition (the median of its rounds' ratios: steps alternate, so a round's steps share the
+    machine's load) and the seconds of its first step (compilation included)."""
     rows = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     torch._dynamo.reset()  # compiled blocks of an earlier vocab size would be reused otherwise
     steps = {name: make_step(build(impl, config, device), impl, device) for name, impl in impls.items()}
@@ -138,7 +140,8 @@ def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> 
             start = time.perf_counter()
             step(rows)
             first.setdefault(name, time.perf_counter() - start)
-    tokens, result = args.batch_size * args.seq_len, {name: [] for name in steps}
+    tokens = args.batch_size * args.seq_len
+    speed, ratio = {name: [] for name in steps}, {name: [] for name in steps}
     for _ in range(args.reps):
         times = {name: [] for name in steps}
         for _ in range(args.steps):
@@ -147,8 +150,9 @@ def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> 
                 step(rows)
                 times[name].append(time.perf_counter() - start)
         for name, t in times.items():
-            result[name].append(tokens / statistics.median(t))
-    return result, first
+            speed[name].append(tokens / statistics.median(t))
+            ratio[name].append(statistics.median(h / p for h, p in zip(times["hf-llama"], t)))
+    return speed, ratio, first
 
 
 def check_equal(config: PicoDecoderConfig, device: str) -> float:
@@ -166,7 +170,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3, help="repetitions (ratios: median and spread)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per implementation and repetition")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation and repetition")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument(
         "--threads", type=int, default=1, help="intra-op threads (1: robust on a shared machine)"
@@ -204,10 +208,10 @@ def main():
         )
         for vocab in args.vocab_sizes:
             diff = check_equal(config(vocab), device)
-            speed, first = measure_speed(impls, config(vocab), args, device)
+            speed, ratio, first = measure_speed(impls, config(vocab), args, device)
             memory = {name: measure_memory(name, vocab, args, device)["step_bytes"] for name in impls}
             for name, tps in speed.items():
-                ratios = [a / b for a, b in zip(tps, speed["hf-llama"])]
+                ratios = ratio[name]
                 print(
                     f"{vocab:>6} {name:<20} {statistics.median(tps):>9.0f} "
                     f"{statistics.median(ratios):>5.2f}x "
