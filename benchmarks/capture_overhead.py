@@ -67,7 +67,7 @@ def bench(name: str, args) -> dict[str, float]:
     torch.manual_seed(0)
     config = PicoDecoderConfig.preset("tiny", **overrides)
     model = PicoDecoder(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the recipe builds it
     rows = torch.randint(0, config.vocab_size, (batch, config.max_seq_len + 1))
     step = {
         "plain": lambda: update(model, optimizer, rows, micro),

@@ -5,8 +5,12 @@ The layout is pico.run_dir's (docs/checkpoints.md); this module fills a step dir
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+import pico.run_dir
 from pico.config import load_config
-from pico.distributed import is_main, unwrap
+from pico.distributed import barrier, is_main, new_gloo_group, unwrap
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
 from pico.run_dir import (
@@ -31,9 +36,9 @@ from pico.run_dir import (
     STATE,
     checkpoints_dir,
     list_steps,
+    new_step_dir,
     step_dir,
     step_name,
-    step_writer,
 )
 
 
@@ -49,30 +54,82 @@ class CheckpointStep:
     evals: dict | None = None
 
 
-def save_checkpoint(
-    run_dir,
-    ckpt: CheckpointStep,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tokenizer: Path | None = None,
-    export: bool = True,
-    positions: str = "last",
-    dtype: str = "float32",
-) -> None:
-    """Write `step_<N>/` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) atomically.
+class CheckpointWriter:
+    """Writes checkpoint steps in the background, one at a time (docs/checkpoints.md, "Background writes").
 
-    A collective: every rank calls it. `latest` names the step only once all of it is on disk.
+    `save` blocks only while it copies the step's tensors to CPU: the DCP train state (staged by
+    `dcp.async_save`) and the HF weights gathered to rank 0; the captured learning dynamics are CPU copies
+    already. The files are written by a background thread (and DCP's), then rank 0 fsyncs `step_<N>`,
+    renames it and moves `latest`. The next `save` and `wait` wait for that, so a kill at any moment leaves
+    `latest` on the last complete step. A collective: every rank calls `save` and `wait`. `on_published(N)`
+    runs on rank 0 once step_<N> is complete (e.g. the Hub uploader's enqueue).
     """
-    with step_writer(run_dir, ckpt.step) as path:
-        save_train_state(path / STATE, model, optimizer, ckpt.train_state)
-        if export:
-            export_model(path / MODEL, model, unwrap(model).config, tokenizer)
+
+    def __init__(
+        self,
+        run_dir,
+        tokenizer: Path | None = None,
+        export: bool = True,
+        positions: str = "last",
+        dtype: str = "float32",
+        on_published: Callable[[int], None] | None = None,
+    ):
+        self.run_dir, self.tokenizer, self.export = run_dir, tokenizer, export
+        self.positions, self.dtype, self.on_published = positions, dtype, on_published
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pico-checkpoint")
+        self._pending: Future | None = None
+        self._group = None  # DCP's collectives in the background get a gloo group of their own
+        self._written: dict[int, float] = {}
+
+    def save(self, ckpt: CheckpointStep, model: torch.nn.Module, optimizer, wait: bool = False) -> None:
+        """Wait for the previous write, stage `step_<N>` (state/, model/ unless `export` is False,
+        learning_dynamics/, eval.json) and write it in the background; `wait`: also wait for this one."""
+        self.wait()
+        tmp = new_step_dir(self.run_dir, ckpt.step)
+        state = {"model": get_model_state_dict(model), "extra": copy.deepcopy(ckpt.train_state)}
+        # Before the first update the optimizer has no state and none is saved: asking DCP for it would
+        # run a zero-lr step that advances AdamW's step counter and so change the run.
+        if optimizer.state:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        if self._group is None:
+            self._group = new_gloo_group()
+        upload = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
+        weights = export_weights(model) if self.export else None
+        config = unwrap(model).config
+        self._pending = self._thread.submit(self._write, tmp, ckpt, weights, config, upload)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is published as `step_<N>`; re-raise its error."""
+        if self._pending is not None:
+            step, seconds = self._pending.result()
+            self._pending = None
+            self._written[step] = seconds
+            barrier()
+
+    def written(self) -> dict[int, float]:
+        """{step: seconds its background write took} for the writes completed since the last call."""
+        written, self._written = self._written, {}
+        return written
+
+    def _write(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config, upload: Future):
+        """The background part: every file of `tmp`, then (rank 0) fsync, rename and `latest`."""
+        start = time.perf_counter()
+        if weights is not None and is_main():
+            save_model(tmp / MODEL, weights, config, self.tokenizer)
         if ckpt.dynamics or ckpt.weights:
             write_learning_dynamics(
-                path, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=positions, dtype=dtype
+                tmp, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=self.positions, dtype=self.dtype
             )
         if ckpt.evals is not None and is_main():
-            (path / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
+            (tmp / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
+        upload.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
+        if is_main():
+            pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
+            if self.on_published is not None:
+                self.on_published(ckpt.step)
+        return ckpt.step, time.perf_counter() - start
 
 
 def train_state(step: int, scheduler, stream) -> dict:
@@ -182,24 +239,10 @@ def check_model_config(path: Path, config: PicoDecoderConfig) -> None:
         )
 
 
-def save_train_state(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
-) -> None:
-    """Save model, optimizer and `extra` (scheduler, data position, RNG, step) with DCP; reshardable.
-
-    Before the first update the optimizer has no state yet and none is saved: asking DCP for it would
-    run a zero-lr step that advances AdamW's step counter and so change the run.
-    """
-    state = {"model": get_model_state_dict(model), "extra": extra}
-    if optimizer.state:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(path))
-
-
 def load_train_state(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
 ) -> dict:
-    """Load a state saved by `save_train_state` into `model`/`optimizer` (any world size); return `extra`.
+    """Load a `state/` dir (`CheckpointWriter`) into `model`/`optimizer` (any world size); return `extra`.
 
     `extra` is a template with the same keys as at save time (e.g. the freshly built objects' state dicts).
     """
@@ -239,26 +282,38 @@ def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Pa
     A model with modules the Llama layout cannot express is refused (ValueError naming the module); a module
     with an `effective_weight()` is written as the nn.Linear it computes (docs/model.md).
     """
+    weights = export_weights(model)
+    if weights is not None:
+        save_model(path, weights, model_config, tokenizer)
+
+
+def export_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights on rank 0's CPU, a copy that later updates leave alone (None on other ranks).
+
+    A collective (FSDP2 gathers parameter by parameter). A model with modules the Llama layout cannot
+    express is refused (ValueError naming the module); a module with an `effective_weight()` is written as
+    the nn.Linear it computes and training-only modules are left out (docs/model.md).
+    """
     from pico.capture import module_name
-    from pico.model.hf import (
-        export_problem,
-        export_state,
-        save_pretrained,
-        save_tokenizer,
-        special_token_ids,
-        with_effective_weights,
-    )
+    from pico.model.hf import export_problem, export_state, with_effective_weights
 
     problem = export_problem(unwrap(model))
     if problem:
         raise ValueError(f"HF export: {problem}")
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     merged = {module_name(n): m for n, m in unwrap(model).named_modules() if hasattr(m, "effective_weight")}
     state = with_effective_weights(state, merged)  # e.g. a LoRA linear's W + s·B·A, on every rank
     if not is_main():
-        return
+        return None
     state = export_state(unwrap(model), state)  # without the training-only modules
-    save_pretrained(state, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
+    on_cpu = next(unwrap(model).parameters()).device.type == "cpu"  # then `state` holds the live tensors
+    return {name: t.clone() for name, t in state.items()} if on_cpu else state
+
+
+def save_model(path: Path, weights: dict[str, torch.Tensor], model_config, tokenizer: Path | None) -> None:
+    """Write `weights` (from `export_weights`) as an HF-loadable `model/` dir, with the tokenizer if given."""
+    from pico.model.hf import save_pretrained, save_tokenizer, special_token_ids
+
+    save_pretrained(weights, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
     if tokenizer is not None:
         save_tokenizer(tokenizer, path, model_config.max_seq_len)

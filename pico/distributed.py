@@ -190,6 +190,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def new_gloo_group():
+    """A new gloo process group of all ranks (None without a process group): for collectives that run in a
+    background thread beside training's, such as DCP's async_save. A collective."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 def cleanup() -> None:
     """Destroy the process group if one was created."""
     if dist.is_initialized():

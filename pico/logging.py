@@ -66,10 +66,20 @@ class TrainLogger:
         for line in format_results(results):
             self.print(f"eval  {step:>6} | {line}")
 
-    def checkpoint(self, step: int, seconds: float) -> None:
-        """Log how long checkpoint step `step` held training up (evaluation and capture included)."""
-        self.scalars(step, {"checkpoint/seconds": seconds})
-        self.print(f"saved  {step:>6} | step_{step} in {seconds:.1f}s")
+    def checkpoint(
+        self, step: int, blocking_seconds: float, eval_seconds: float, written: dict[int, float]
+    ) -> None:
+        """Log how long checkpoint step `step` held training up (`checkpoint/blocking_seconds`: staging its
+        writes, and waiting for the previous one), the evaluation and eval-split pass on W_step before it
+        (`checkpoint/eval_seconds`), and the background writes completed since (`checkpoint/write_seconds`,
+        at their own steps, from pico.checkpoint.CheckpointWriter.written)."""
+        self.scalars(
+            step, {"checkpoint/blocking_seconds": blocking_seconds, "checkpoint/eval_seconds": eval_seconds}
+        )
+        for done, seconds in written.items():
+            self.scalars(done, {"checkpoint/write_seconds": seconds})
+        line = f"saved  {step:>6} | step_{step}: blocked {blocking_seconds:.1f}s, eval {eval_seconds:.1f}s"
+        self.print(line + "".join(f" | step_{n} written in {s:.1f}s" for n, s in written.items()))
 
     def print(self, message: str) -> None:
         """Print a line from rank 0."""

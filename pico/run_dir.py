@@ -135,8 +135,21 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (and `path` itself), so that all of it is on disk."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
 def publish_step(root: Path, tmp: Path, step: int) -> None:
-    """Rename the filled `tmp` dir to `step_<step>` and point `latest` at it (rank 0 only)."""
+    """fsync the filled `tmp` dir, rename it to `step_<step>` and point `latest` at it (rank 0 only)."""
+    fsync_tree(tmp)
     final = root / step_name(step)
     if final.exists():  # a re-run of a step whose checkpoint was written but never named `latest`
         old = root / f".old_{step_name(step)}"
@@ -148,12 +161,10 @@ def publish_step(root: Path, tmp: Path, step: int) -> None:
     write_atomic(root / LATEST, step_name(step) + "\n")
 
 
-@contextlib.contextmanager
-def step_writer(run_dir, step: int):
-    """Yield a temporary step dir to fill; on success rename it to `step_<N>` and point `latest` at it.
+def new_step_dir(run_dir, step: int) -> Path:
+    """Make an empty temporary dir to build `step_<step>` in (rank 0; other ranks only get its path).
 
-    All ranks enter and leave together; rank 0 owns the directory. If the block raises (or the process
-    dies) the temporary dir is left behind unnamed and `latest` still names the previous complete step.
+    Anything left there by an earlier attempt at the same step is removed first.
     """
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp_{step_name(step)}"
@@ -161,9 +172,21 @@ def step_writer(run_dir, step: int):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    return tmp
+
+
+@contextlib.contextmanager
+def step_writer(run_dir, step: int):
+    """Yield a temporary step dir to fill; on success rename it to `step_<N>` and point `latest` at it.
+
+    All ranks enter and leave together; rank 0 owns the directory. If the block raises (or the process
+    dies) the temporary dir is left behind unnamed and `latest` still names the previous complete step.
+    (pico.checkpoint.CheckpointWriter does the same with the writing in the background.)
+    """
+    tmp = new_step_dir(run_dir, step)
     barrier()
     yield tmp
     barrier()
     if is_main():
-        publish_step(root, tmp, step)
+        publish_step(checkpoints_dir(run_dir), tmp, step)
     barrier()

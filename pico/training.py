@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from pico.capture import capture
 from pico.data import split_rows
-from pico.distributed import all_reduce_mean, autocast, full_tensor, gather_rows, gradient_sync
+from pico.distributed import all_reduce_mean, autocast, full_tensor, gather_rows, gradient_sync, unwrap
 from pico.learning_dynamics import SplitDynamics
+
+# Logits per chunk of the fused output layer + loss: 2^25 (128 MB in fp32), 667 tokens at vocab 50304.
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 def train_step(model: torch.nn.Module, batches: list[torch.Tensor], precision: str = "fp32") -> torch.Tensor:
@@ -22,11 +27,61 @@ def train_step(model: torch.nn.Module, batches: list[torch.Tensor], precision: s
     for i, rows in enumerate(batches):
         inputs, labels = split_rows(rows)  # (mb, T) each
         with gradient_sync(model, i == len(batches) - 1), autocast(precision, inputs.device, model):
-            logits = model(inputs)  # (mb, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / len(batches)
+            loss = token_loss(model, inputs, labels) / len(batches)
         loss.backward()
         total += loss.detach()
     return all_reduce_mean(total)
+
+
+def token_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a PicoDecoder (plain, DDP or FSDP2) on `inputs` (mb, T) vs `labels`.
+
+    The output layer and the loss run fused and chunked over tokens (`chunked_cross_entropy`), so the
+    (mb·T, V) logits never exist whole, unless a hook on the output layer (a capture of it) needs them, or
+    DDP looks for unused parameters (it would find the output layer unused by the forward it wraps).
+    """
+    head = unwrap(model).de_embedding_proj
+    searches_unused = getattr(model, "find_unused_parameters", False)  # DDP(find_unused_parameters=True)
+    if head._forward_hooks or head._forward_pre_hooks or searches_unused:
+        logits = model(inputs)  # (mb, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    with hidden_states(model):
+        hidden = model(inputs)  # (mb, T, C)
+    return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten())
+
+
+@contextlib.contextmanager
+def hidden_states(model: torch.nn.Module):
+    """Inside the block, `model(input_ids)` returns `PicoDecoder.hidden` (B, T, C) instead of the logits.
+
+    The call still goes through the wrapper's `__call__`, so DDP's gradient-sync set-up and FSDP2's
+    all-gather hooks run exactly as on the plain forward.
+    """
+    module = unwrap(model)
+    module.forward = module.hidden
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, labels)` for hidden (N, C), weight (V, C), labels (N,), computed
+    over chunks of LOSS_CHUNK_ELEMENTS logits by torch's fused `F.linear_cross_entropy`.
+
+    Neither the (N, V) logits nor their gradient is materialised: each chunk's gradients are computed in
+    the forward and applied in the backward. Under autocast the matmuls run in its dtype and the softmax
+    accumulates in fp32, as the plain `logits.float()` path does.
+    """
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    options = torch.nn.LinearCrossEntropyOptions(
+        batch_chunk_size=max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]),
+        acc_policy="accurate",
+        acc_dtype=torch.float32,
+    )
+    return F.linear_cross_entropy(hidden, weight, labels, options=options)
 
 
 def captured_step(

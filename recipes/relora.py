@@ -19,15 +19,17 @@ from relora_modules import lora_modules, relora_reset, wrap_lora
 import pico.config
 from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
-from pico.checkpoint import CheckpointStep, load_checkpoint, save_checkpoint, train_state
-from pico.config import ConfigError, save_config
+from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, train_state
+from pico.config import ConfigError
 from pico.data import DataError, TokenStream, find_tokenizer, read_batch
 from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
 from pico.evaluation import evaluate_tasks, load_tasks
+from pico.hub import HubError, resume_source, start_uploader
 from pico.logging import TrainLogger, exit_on, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
-from pico.run_dir import CONFIG, checkpoints_dir, resolve_resume
+from pico.run_dir import checkpoints_dir
+from pico.run_lock import open_run_dir
 from pico.training import apply_update, captured_step, train_step
 
 
@@ -108,13 +110,13 @@ def lr_lambda(t, rl):
 
 
 def build_optimizer(model, t):
-    """AdamW; weight decay only on matrices (norm gains and other 1-D parameters are not decayed)."""
+    """AdamW (fused: one kernel for all parameters); weight decay only on matrices, not on 1-D parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 def build_model(model_cfg, seed, device, rl):
@@ -127,19 +129,6 @@ def build_model(model_cfg, seed, device, rl):
     model.init_weights()
     wrap_lora(model, rl, seed)
     return model
-
-
-def evaluate(model, tasks, device, precision, log, step):
-    """Every evaluation task on W_step, sharded over ranks, logged; a task that fails is recorded as
-    {"error": ...} so that training and the checkpoint go on."""
-    results = {}
-    for task in tasks:
-        try:
-            results.update(evaluate_tasks(model, [task], device, precision))
-        except Exception as e:  # any failure of one task (the same on every rank)
-            results[task.name] = {"error": str(e)}
-    log.evals(step, results)
-    return results
 
 
 def main(argv=None):
@@ -176,13 +165,13 @@ def main(argv=None):
     with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
         tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
 
-    # Resume from the latest complete checkpoint (or the one named), else start a new run directory.
-    first_step, resume_from = 0, resolve_resume(run_dir, ck.resume)
-    if resume_from is not None:
-        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream)
-    elif is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, CONFIG))
+    # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also
+    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md).
+    with exit_on("hub error", HubError):  # a bad repo or no permission fails here, before step 0
+        resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
+    with exit_on("run error", ValueError):  # another live run; a missing, incomplete or changed checkpoint
+        resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
+        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
@@ -193,26 +182,36 @@ def main(argv=None):
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
+    writer = CheckpointWriter(run_dir, tokenizer, not no_export, ld.positions, ld.dtype, uploader.enqueue)
 
     def measure(step):
-        """The checkpoint step's part on W_step before the training batch: evaluation, then the eval split
+        """(ckpt, seconds) of the checkpoint step's part on W_step: evaluation, then the eval split
         (without LoRA dropout)."""
+        start = time.perf_counter()
         model.eval()
-        evals = evaluate(model, tasks, dist.device, t.precision, log, step) if tasks else None
+        evals = evaluate_tasks(model, tasks, dist.device, t.precision, catch=True) if tasks else None
+        log.evals(step, evals or {})  # a task that failed is recorded as such, and training goes on
         ckpt = CheckpointStep(step, {}, evals=evals)
         if eval_all is not None:  # its gradients are kept apart from the training ones
             optimizer.zero_grad(set_to_none=True)
-            rows = eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)  # this rank's share
+            rows = [eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
             _, ckpt.dynamics["eval"] = captured_step(
-                model, [rows], ld.layers, ld.positions, t.precision, eval_all
+                model, rows, ld.layers, ld.positions, t.precision, eval_all
             )
         model.train()
-        return ckpt
+        return ckpt, time.perf_counter() - start
 
-    def save(ckpt):
-        """Write step_<N> (and log its in-situ metrics); returns the seconds it took."""
+    def finish():
+        """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
+        writer.wait()
+        uploader.finish()  # prints the steps it could not upload with the command that retries them
+        log.close()
+        cleanup()
+
+    def save(ckpt, wait=False):
+        """Write step_<N> in the background (`wait`: and wait), log in-situ metrics; seconds blocked."""
         start = time.perf_counter()
-        save_checkpoint(run_dir, ckpt, model, optimizer, tokenizer, not no_export, ld.positions, ld.dtype)
+        writer.save(ckpt, model, optimizer, wait)
         log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
         return time.perf_counter() - start
 
@@ -226,9 +225,7 @@ def main(argv=None):
             zeroed = relora_reset(model, optimizer, rl, t.seed, step)
             resets = sum(is_reset(k, t, rl) for k in range(step + 1))
             log.scalars(step, {"relora/resets": resets, "relora/optimizer_state_zeroed": zeroed})
-        t_measure = time.perf_counter()
-        ckpt = measure(step) if due and not saved else None
-        t_measure = time.perf_counter() - t_measure
+        ckpt, t_eval = measure(step) if due and not saved else (None, 0.0)
         optimizer.zero_grad(set_to_none=True)
         state, t0 = train_state(step, scheduler, stream), time.perf_counter()
         last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
@@ -240,8 +237,8 @@ def main(argv=None):
             loss = train_step(model, batches, t.precision)
         if ckpt is not None:
             ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
-            t_save = save(ckpt)
-            log.checkpoint(step, t_measure + t_save)
+            t_save = save(ckpt, wait=last)  # the end of training waits for the last write, to log it
+            log.checkpoint(step, t_save, t_eval, writer.written())
             t0 += t_save  # tokens/s counts training time only
         if last:
             break
@@ -257,8 +254,7 @@ def main(argv=None):
             if t.nan_policy == "stop":
                 if ckpt is None and not saved:
                     save(CheckpointStep(step, state))
-                log.close()
-                cleanup()
+                finish()
                 sys.exit(3)
         scheduler.step()
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
@@ -270,8 +266,7 @@ def main(argv=None):
                 log.scalars(step + 1, {"relora/scale_mean": scales.mean().item()})
     stream.close()
     log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
-    log.close()
-    cleanup()
+    finish()
 
 
 if __name__ == "__main__":

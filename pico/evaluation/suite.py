@@ -73,12 +73,23 @@ def evaluate_tasks(
     tasks: list[PalomaTask | ChoiceTask],
     device: torch.device,
     precision: str = "fp32",
+    catch: bool = False,
 ) -> dict[str, dict]:
-    """{task: metrics} of every loaded task; a collective under torch.distributed, same dict on all ranks."""
+    """{task: metrics} of every loaded task; a collective under torch.distributed, same dict on all ranks.
+
+    With `catch`, a task that raises is recorded as {"error": message} and the others still run (training
+    goes on past a failed evaluation); the failure must be the same on every rank, as errors of the
+    documents or the model are.
+    """
     results = {}
     for task in tasks:
-        lls = score_requests(model, task.requests, device, task.max_length, task.batch_size, precision)
-        results[task.name] = task.aggregate(lls)
+        try:
+            lls = score_requests(model, task.requests, device, task.max_length, task.batch_size, precision)
+            results[task.name] = task.aggregate(lls)
+        except Exception as e:
+            if not catch:
+                raise
+            results[task.name] = {"error": f"{type(e).__name__}: {e}"}
     return results
 
 

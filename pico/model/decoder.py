@@ -134,7 +134,7 @@ class PicoDecoder(nn.Module):
         return self.de_embedding_proj(self.hidden(input_ids))  # (B, T, V)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The final normalised hidden states (B, T, C): what the output layer maps to logits."""
+        """Token ids (B, T) -> final normed hidden states (B, T, C), what the output layer maps to logits."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(

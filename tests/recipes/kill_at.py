@@ -1,30 +1,44 @@
 """Run a recipe (recipes/pretrain.py unless `--recipe PATH`), SIGKILLing rank 0 at a checkpoint:
-`kill_at.py <step>:<writing|done> [--recipe PATH] ARGS...`.
+`kill_at.py <step>:<writing|done|background> [--recipe PATH] ARGS...`.
 
 `writing`: once step_<step>'s files are all written, before it is renamed and named `latest` (the worst
-moment); `done`: right after `latest` names it. The crash-safety tests launch this instead of the recipe,
-so that the library itself carries no test hook.
+moment); `done`: right after `latest` names it; `background`: while step_<step> is being written in the
+background, once training has applied update step+1 (a run from scratch), before it is renamed. The
+crash-safety tests launch this instead of the recipe, so that the library itself carries no test hook.
 """
 
 import os
 import runpy
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pico.run_dir
+import pico.training
 
 step, phase = sys.argv.pop(1).split(":")
 recipe = Path(__file__).resolve().parents[2] / "recipes" / "pretrain.py"
 if sys.argv[1:2] == ["--recipe"]:
     recipe = Path(sys.argv.pop(2)).resolve()
     sys.argv.pop(1)
-publish = pico.run_dir.publish_step
+publish, apply_update = pico.run_dir.publish_step, pico.training.apply_update
+updates = threading.Semaphore(0)  # released once per update the training loop applies
+
+
+def apply_and_count(*args, **kwargs):
+    """pico.training.apply_update, counted."""
+    result = apply_update(*args, **kwargs)
+    updates.release()
+    return result
 
 
 def publish_then_maybe_die(root, tmp, at):
     """pico.run_dir.publish_step with a SIGKILL before or after it at the chosen step."""
-    if at == int(step) and phase == "writing":
+    if at == int(step) and phase == "background":
+        for _ in range(at + 1):  # updates 1..step+1; the loop blocks on this write only at the next save
+            updates.acquire(timeout=120)
+    if at == int(step) and phase in ("writing", "background"):
         os.kill(os.getpid(), signal.SIGKILL)
     publish(root, tmp, at)
     if at == int(step) and phase == "done":
@@ -32,6 +46,7 @@ def publish_then_maybe_die(root, tmp, at):
 
 
 pico.run_dir.publish_step = publish_then_maybe_die
+pico.training.apply_update = apply_and_count
 sys.argv[0] = str(recipe)
 sys.path.insert(0, str(recipe.parent))  # as `python recipe.py` does: the recipe imports its neighbours
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -183,6 +183,29 @@ def test_kill_while_writing_a_checkpoint_loses_nothing(single, data, tmp_path):
         assert torch.equal(weights(run_dir)[name], w), name
 
 
+def test_kill_during_a_background_write_loses_nothing(single, data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(data, run_dir)
+    killed = launch(args, check=False, kill_at="3:background")
+    assert killed.returncode != 0
+    assert f"step      4/{STEPS}" in killed.stdout  # training went on while step_3 was being written
+    assert "saved       3 | step_3: blocked " in killed.stdout and "s, eval " in killed.stdout
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0" and not (ckpts / "step_3").exists()
+    resumed = launch(args)
+    assert "resumed from" in resumed.stdout and "at step 0" in resumed.stdout
+    for name, w in weights(single).items():
+        assert torch.equal(weights(run_dir)[name], w), name
+
+
+def test_checkpoint_timing_is_logged(single):
+    _, acc = losses(single)
+    for tag in ("checkpoint/blocking_seconds", "checkpoint/eval_seconds", "checkpoint/write_seconds"):
+        assert [e.step for e in acc.Scalars(tag)] == [0, 3, STEPS], tag
+        assert all(e.value >= 0 for e in acc.Scalars(tag)), tag
+    assert max(e.value for e in acc.Scalars("checkpoint/eval_seconds")) > 0  # evaluation ran
+
+
 def test_resume_onto_another_world_size(single, data, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(data, run_dir, "training.strategy=fsdp")
