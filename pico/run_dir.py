@@ -9,13 +9,12 @@ this module, so the layout is written down once. docs/checkpoints.md is its spec
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
 
-from pico.distributed import barrier, is_main
+from pico.distributed import is_main
 
 CONFIG = "config.yaml"
 TENSORBOARD = "tensorboard"
@@ -173,20 +172,3 @@ def new_step_dir(run_dir, step: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     return tmp
-
-
-@contextlib.contextmanager
-def step_writer(run_dir, step: int):
-    """Yield a temporary step dir to fill; on success rename it to `step_<N>` and point `latest` at it.
-
-    All ranks enter and leave together; rank 0 owns the directory. If the block raises (or the process
-    dies) the temporary dir is left behind unnamed and `latest` still names the previous complete step.
-    (pico.checkpoint.CheckpointWriter does the same with the writing in the background.)
-    """
-    tmp = new_step_dir(run_dir, step)
-    barrier()
-    yield tmp
-    barrier()
-    if is_main():
-        publish_step(checkpoints_dir(run_dir), tmp, step)
-    barrier()

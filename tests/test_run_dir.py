@@ -9,10 +9,11 @@ from pico.run_dir import (
     latest_checkpoint,
     list_steps,
     module_matches,
+    new_step_dir,
     parse_key,
+    publish_step,
     resolve_resume,
     step_dir,
-    step_writer,
     tensor_key,
 )
 
@@ -36,19 +37,17 @@ def test_suffix_matching_on_dot_boundaries():
     assert not module_matches("de_embedding_proj", "embedding_proj")
 
 
-def test_step_writer_publishes_atomically(tmp_path):
+def test_steps_are_published_atomically(tmp_path):
     assert latest_checkpoint(tmp_path) is None and resolve_resume(tmp_path, "auto") is None
     for step in (0, 10):
-        with step_writer(tmp_path, step) as tmp:
-            assert tmp.name == f".tmp_step_{step}"
-            (tmp / "state").mkdir()
+        tmp = new_step_dir(tmp_path, step)
+        assert tmp.name == f".tmp_step_{step}" and not list(tmp.iterdir())
+        (tmp / "state").mkdir()
+        publish_step(checkpoints_dir(tmp_path), tmp, step)
     assert (checkpoints_dir(tmp_path) / LATEST).read_text() == "step_10\n"
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 10)
     assert list_steps(tmp_path, require="state") == [0, 10]
-    with pytest.raises(RuntimeError):  # a failed write leaves the previous step named
-        with step_writer(tmp_path, 20) as tmp:
-            (tmp / "state").mkdir()
-            raise RuntimeError("disk full")
+    (new_step_dir(tmp_path, 20) / "state").mkdir()  # a write that never got published
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 10) and not step_dir(tmp_path, 20).exists()
     assert resolve_resume(tmp_path, "never") is None
     assert resolve_resume(tmp_path, str(step_dir(tmp_path, 0))) == step_dir(tmp_path, 0)
