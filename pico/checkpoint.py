@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import pico.run_dir
-from pico.config import load_config
+from pico.config import load_model_config
 from pico.distributed import barrier, is_main, new_gloo_group, unwrap
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
@@ -217,7 +217,7 @@ def saved_model_config(path: Path) -> tuple[PicoDecoderConfig, Path]:
         if exported.is_file():
             return pico_config_from_llama(json.loads(exported.read_text()), str(exported)), exported
         if run_config.is_file():
-            return load_config(run_config).model_config(), run_config
+            return load_model_config(run_config), run_config
     except (ValueError, KeyError) as e:  # ConfigError and json errors are ValueErrors
         source = exported if exported.is_file() else run_config
         raise CheckpointError(f"{source}: cannot read the model config ({e})") from None

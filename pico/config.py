@@ -377,6 +377,13 @@ def load_config(
     return cfg
 
 
+def load_model_config(path: str | Path) -> PicoDecoderConfig:
+    """The PicoDecoderConfig of the `model:` section of YAML config `path`; other sections (a fork's own
+    included) are not read, so any run's config.yaml names its model. Raises ConfigError."""
+    model = _build(ModelConfig, load_tree(path).get("model") or {}, "model")
+    return Config(model=model).model_config()
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with `load_config`)."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,8 +1,10 @@
 """Config loading: YAML + typed overrides, strict errors naming the key."""
 
 import pytest
+import yaml
 
-from pico.config import Config, ConfigError, load_config, save_config
+from pico.checkpoint import CheckpointError, check_model_config, saved_model_config
+from pico.config import Config, ConfigError, load_config, load_model_config, save_config
 
 
 def write(tmp_path, text):
@@ -123,3 +125,24 @@ def test_analysis_specs_share_the_loader(tmp_path):
     with pytest.raises(ConfigError, match="^steps.all=1: overrides look like key=value"):
         load_spec(None, ["steps.all=1"])
     assert load_spec(None, ["steps=[0, 10]"]).steps == (0, 10)
+
+
+def test_a_forks_run_config_names_its_model_for_resume(tmp_path):
+    """A fork's config.yaml has its own section; a step without model/ is checked against its model: alone."""
+    cfg = load_config(None, ["model.d_model=48", "model.n_layers=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    tree["relora"] = {"rank": 8}  # a section only the fork's Config subclass knows
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="relora: unknown key"):
+        load_config(tmp_path / "config.yaml")
+    assert load_model_config(tmp_path / "config.yaml") == cfg.model_config()
+    step = tmp_path / "checkpoints" / "step_5"
+    (step / "state").mkdir(parents=True)
+    assert saved_model_config(step) == (cfg.model_config(), tmp_path / "config.yaml")
+    check_model_config(step, cfg.model_config())
+    with pytest.raises(CheckpointError, match=r"config.yaml: .*n_layers 3 ≠ 4"):
+        check_model_config(step, load_config(None, ["model.d_model=48", "model.n_layers=4"]).model_config())
+    (tmp_path / "config.yaml").write_text("model:\n  d_model: many\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml: cannot read the model config \(model.d_model"):
+        saved_model_config(step)
