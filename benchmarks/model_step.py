@@ -9,7 +9,8 @@ ratios (hf-llama's step time / the implementation's), reported as the median ove
 with their min–max spread. Peak memory is measured per implementation in its own subprocess, after a
 warm-up step: the peak RSS of a step above the RSS before it (CPU), or the allocator's peak (CUDA). CPU
 runs in fp32 on `--threads` threads; CUDA (when present) under bf16 autocast. `--levers` adds pico
-variants with one lever undone, and per-block `torch.compile` with its compile time amortised.
+variants with one lever undone (the fused loss, fused AdamW, the CPU attention-head padding of
+`pico.model.decoder.causal_attention`), and per-block `torch.compile` with its compile time amortised.
 
     python benchmarks/model_step.py [--vocab-sizes 8192 50304] [--reps 3] [--steps 5] [--levers]
 """
@@ -31,19 +32,22 @@ os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from pico.model import PicoDecoder, PicoDecoderConfig  # noqa: E402
+from pico.model import PicoDecoder, PicoDecoderConfig, decoder  # noqa: E402
 from pico.model.hf import llama_config, pico_to_llama_name  # noqa: E402
 from pico.training import train_step  # noqa: E402
 
-# name: (model, loss, AdamW implementation, per-block compile); the first is the recipe's default.
+DEFAULT_MIN_HEAD_DIM = decoder.CPU_MIN_HEAD_DIM
+
+# name: (model, loss, AdamW implementation, per-block compile, CPU head padding); the first is the default.
 IMPLS = {
-    "pico": ("pico", "chunked", "fused", False),
-    "hf-llama": ("hf", "logits", "fused", False),
+    "pico": ("pico", "chunked", "fused", False, True),
+    "hf-llama": ("hf", "logits", "fused", False, True),
 }
 LEVERS = {  # pico with one lever changed
-    "pico logits-loss": ("pico", "logits", "fused", False),
-    "pico for-loop-adamw": ("pico", "chunked", "for-loop", False),
-    "pico compile": ("pico", "chunked", "fused", True),
+    "pico logits-loss": ("pico", "logits", "fused", False, True),
+    "pico for-loop-adamw": ("pico", "chunked", "for-loop", False, True),
+    "pico compile": ("pico", "chunked", "fused", True, True),
+    "pico unpadded-heads": ("pico", "chunked", "fused", False, False),
 }
 
 
@@ -66,11 +70,12 @@ def build(impl: tuple, config: PicoDecoderConfig, device: str) -> torch.nn.Modul
 
 def make_step(model: torch.nn.Module, impl: tuple, device: str):
     """A closure running one forward/backward/AdamW step on token rows (B, T+1), returning the loss."""
-    _, loss_kind, adamw, _ = impl
+    _, loss_kind, adamw, _, pad_heads = impl
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=adamw == "fused")
     precision = "bf16-mixed" if device == "cuda" else "fp32"
 
     def step(rows: torch.Tensor) -> float:
+        decoder.CPU_MIN_HEAD_DIM = DEFAULT_MIN_HEAD_DIM if pad_heads else 0  # 0: never pad
         if loss_kind == "chunked":
             loss = train_step(model, [rows], precision)
         else:
@@ -85,6 +90,7 @@ def make_step(model: torch.nn.Module, impl: tuple, device: str):
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        decoder.CPU_MIN_HEAD_DIM = DEFAULT_MIN_HEAD_DIM
         return loss.item()  # .item() synchronises CUDA, so wall time covers the whole step
 
     return step

@@ -23,6 +23,10 @@ try:  # optional backend, used for fp16/bf16 CUDA tensors when installed (`pip i
 except ImportError:
     flash_attn_func = None
 
+# torch's CPU flash-attention kernel vectorises over the head dimension: narrower heads leave AVX-512's 16
+# fp32 lanes part empty and run slower than padded ones (benchmarks/README.md, "Attention head padding").
+CPU_MIN_HEAD_DIM = 16
+
 
 def rope_cos_sin(
     head_dim: int, max_seq_len: int, theta: float, device=None
@@ -49,6 +53,30 @@ def _use_flash_attn(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q (B, T, H, D) over k, v (B, T, K, D), H a multiple of K: (B, T, H, D).
+
+    flash-attn for fp16/bf16 CUDA tensors when installed, else torch's SDPA. On CPU, heads narrower than
+    CPU_MIN_HEAD_DIM are zero-padded to it: zero q/k columns add nothing to the scores and the zero v
+    columns are sliced off, so the result is the same up to rounding, 1.5x faster at the tiny preset's D=8.
+    """
+    if _use_flash_attn(q):
+        return flash_attn_func(q, k, v, causal=True)  # GQA handled by the kernel
+    D = q.shape[-1]
+    pad = CPU_MIN_HEAD_DIM - D if q.device.type == "cpu" else 0
+    if pad > 0:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))  # (B, T, heads, CPU_MIN_HEAD_DIM)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),  # (B, H, T, D), (B, K, T, D) x2
+        is_causal=True,
+        enable_gqa=True,
+        scale=D**-0.5,
+    ).transpose(1, 2)  # (B, T, H, D)
+    return y[..., :D] if pad > 0 else y
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention: H query heads share K key/value heads (H/K each)."""
 
@@ -68,16 +96,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if _use_flash_attn(q):
-            y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, D); GQA handled by the kernel
-        else:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),  # (B, H, T, D), (B, K, T, D) x2
-                is_causal=True,
-                enable_gqa=True,
-            ).transpose(1, 2)  # (B, T, H, D)
+        y = causal_attention(q, k, v)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 

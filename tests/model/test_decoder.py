@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pico.model import PRESETS, PicoDecoder, PicoDecoderConfig, decoder
-from pico.model.decoder import apply_rope, rope_cos_sin
+from pico.model.decoder import CPU_MIN_HEAD_DIM, apply_rope, causal_attention, rope_cos_sin
 
 SMALL = dict(
     d_model=64,
@@ -73,6 +73,34 @@ def test_gqa_equals_attention_with_repeated_kv_by_hand():
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
     torch.testing.assert_close(attn(x, cos, sin), attn.o_proj(y), rtol=1e-5, atol=1e-5)
+
+
+def reference_attention(q, k, v):
+    """Causal GQA attention by hand in float64: q (B, T, H, D), k/v (B, T, K, D) -> (B, T, H, D)."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    H, K, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("head_dim", [4, 8, 12, CPU_MIN_HEAD_DIM, 24])
+def test_causal_attention_with_padded_narrow_heads_equals_the_definition(head_dim):
+    # Heads narrower than CPU_MIN_HEAD_DIM take the zero-padded path: values and gradients must not change.
+    torch.manual_seed(0)
+    q = torch.randn(2, 33, 6, head_dim, requires_grad=True)
+    k, v = (torch.randn(2, 33, 2, head_dim, requires_grad=True) for _ in range(2))
+    out = causal_attention(q, k, v)
+    assert out.shape == q.shape
+    ref = reference_attention(q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # w: fp64 maths, cast back to fp32
 
 
 def test_rope_dot_product_depends_only_on_relative_position():
