@@ -6,10 +6,11 @@
 Activations (samples × features) for cka / pwcca, weight matrices for per / condition_number / norms /
 gini / hoyer. References: Kornblith et al.'s Gram-matrix CKA (center_gram + HSIC), PWCCA by whitening the
 covariances (one CCA), numpy.linalg.svd for spectra, numpy sort for Gini. pico-analyze's PWCCA took 11.0 s
-on 4096×384 on the project's benchmark machine; its ratio is printed from that number. The analysis pass
-compares `pico.analysis.analyze` (each tensor loaded once per checkpoint, one SVD shared by PER, condition
-number and spectral norm) with a pico-analyze-style loop that reloads every file for every metric and computes
-in NumPy; it asserts that both give the same values.
+on 4096×384 on the project's benchmark machine; its ratio is printed from that number. The analysis passes
+compare `pico.analysis.analyze` (each tensor loaded once per checkpoint, one SVD shared by PER, condition
+number and the nuclear and spectral norms) with a pico-analyze-style loop that reloads every file for every
+metric and computes in NumPy, and assert that both give the same values: `spectral` is PER, condition number
+and spectral norm of weights and gradients; `default` is the default analysis of `recipes/analyze.py`.
 """
 
 import argparse
@@ -25,6 +26,7 @@ from safetensors.numpy import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pico.analysis import analyze  # noqa: E402
+from pico.analysis.spec import DEFAULT_SPEC  # noqa: E402
 from pico.metrics import cka, condition_number, gini, hoyer, norm, per, pwcca  # noqa: E402
 from pico.run_dir import list_steps  # noqa: E402
 from tests.analysis.fake_run import make_run  # noqa: E402
@@ -158,26 +160,58 @@ def metric_table(args):
 def reference_pass(run: Path, metrics: dict) -> dict:
     """pico-analyze style: for every metric, reload every checkpoint's files and compute in NumPy float64.
 
-    Returns {(metric, step, split or "weights", tensor key): value}.
+    `metrics` maps a table label to a reference function; weight and gradient metrics take one matrix, a
+    label `cka@step_<N>` compares each step's eval activations with step N's (reloaded as well).
+    Returns {(label, step, split (None for weights), tensor key): value}.
     """
+
+    def load(step: int, name: str) -> dict:
+        path = run / "checkpoints" / f"step_{step}" / "learning_dynamics" / f"{name}.safetensors"
+        return {k: v.astype(np.float64) for k, v in load_file(path).items() if k != "input_ids"}
+
     values = {}
-    for name, fn in metrics.items():
+    for label, fn in metrics.items():
         for step in list_steps(run):
-            ld = run / "checkpoints" / f"step_{step}" / "learning_dynamics"
-            for key, w in load_file(ld / "weights.safetensors").items():
-                values[name, step, "weights", key] = fn(w.astype(np.float64))
+            if label.startswith("cka@step_"):
+                x, y = load(step, "eval"), load(int(label.removeprefix("cka@step_")), "eval")
+                for key in (k for k in x if k.startswith("activations.")):
+                    values[label, step, "eval", key] = fn(x[key], y[key])
+                continue
+            for key, w in load(step, "weights").items():
+                values[label, step, None, key] = fn(w)
             for split in ("train", "eval"):
-                for key, g in load_file(ld / f"{split}.safetensors").items():
+                for key, g in load(step, split).items():
                     if key.startswith("gradients."):
-                        values[name, step, split, key] = fn(g.astype(np.float64))
+                        values[label, step, split, key] = fn(g)
     return values
 
 
+# The analysis passes timed: the three metrics that share one SVD, and the default analysis (what
+# `python recipes/analyze.py --run DIR` computes: also the nuclear, Frobenius and inf norms and CKA).
+PASSES = {
+    "spectral": {
+        "metrics": ["per", "condition_number", {"name": "norm", "kind": "spectral"}],
+        "data_types": ["weights", "gradients"],
+    },
+    "default": DEFAULT_SPEC,
+}
+PASS_REFERENCES = {
+    "per": ref_per,
+    "condition_number": REFERENCES["condition_number"],
+    "norm_fro": lambda w: float(np.linalg.norm(w)),
+    "norm_nuc": REFERENCES["norm_nuc"],
+    "norm_spectral": REFERENCES["norm_spectral"],
+    "norm_inf": REFERENCES["norm_inf"],
+    "cka": ref_cka,
+}
+
+
 def analysis_table(args):
+    steps = tuple(range(0, 10 * args.run_every, args.run_every))
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(
             Path(tmp) / "bench",
-            steps=tuple(range(0, 10 * args.run_every, args.run_every)),
+            steps=steps,
             n_layers=args.run_layers,
             d_model=args.run_d_model,
             n_heads=args.run_d_model // 64 or 1,
@@ -185,50 +219,42 @@ def analysis_table(args):
             hidden=4 * args.run_d_model,
             n_samples=args.run_samples,
         )
-        spec = {
-            "metrics": ["per", "condition_number", {"name": "norm", "kind": "spectral"}],
-            "data_types": ["weights", "gradients"],
-        }
-        names = {"per": "per", "condition_number": "condition_number", "norm_spectral": "norm_spectral"}
-        pico_s, ref_s = [], []
-        for _ in range(args.analysis_repeats):  # alternated, so that both see the same machine load
-            start = time.perf_counter()
-            rows = analyze([run], spec, progress=False)
-            pico_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ref = reference_pass(run, {name: REFERENCES[name] for name in names})
-            ref_s.append(time.perf_counter() - start)
-        assert len(ref) == len(rows), (len(ref), len(rows))
-        worst = max(
-            abs(
-                r.value
-                - (
-                    v := ref[
-                        r.metric,
-                        r.step,
-                        r.split or "weights",
-                        f"{r.data_type}.layers.{r.layer}.{r.component}",
-                    ]
-                )
-            )
-            / abs(v)
-            for r in rows
-        )
-        assert worst < 1e-9, f"analysis and the reference disagree: relative difference {worst:.1e}"
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        ratios = sorted(r / p for r, p in zip(ref_s, pico_s))
         print(
-            f"\nanalysis pass: 10 checkpoints, {args.run_layers} layers × 3 modules, "
-            f"d_model {args.run_d_model}, per + condition_number + spectral norm of weights and gradients "
-            f"({len(rows)} values, largest relative difference to the reference {worst:.1e}); "
-            f"median of {args.analysis_repeats} runs [min, max]"
+            f"\nanalysis passes: {len(steps)} checkpoints, {args.run_layers} layers × 3 modules, "
+            f"d_model {args.run_d_model}, {args.run_samples} samples; median of {args.analysis_repeats} "
+            "runs [min, max]; both sides alternate, so they see the same machine load"
         )
-        print(f"{'':<34}{'seconds':>22}{'ratio':>22}")
-        print(
-            f"{'pico.analysis.analyze (' + device + ')':<34}{spread(pico_s):>22}"
-            f"{f'{np.median(ratios):.1f}x [{ratios[0]:.1f}, {ratios[-1]:.1f}]':>22}"
-        )
-        print(f"{'reload-per-metric NumPy f64':<34}{spread(ref_s):>22}{'1.0x':>22}")
+        print(f"{'pass':<10}{'values':>7}  {'':<30}{'seconds':>22}{'ratio':>22}{'max rel diff':>14}")
+        for name in args.passes:
+            spec = PASSES[name]
+            pico_s, ref_s = [], []
+            for _ in range(args.analysis_repeats):
+                start = time.perf_counter()
+                rows = analyze([run], spec, progress=False)
+                pico_s.append(time.perf_counter() - start)
+                labels = {r.metric for r in rows}
+                start = time.perf_counter()
+                ref = reference_pass(run, {m: PASS_REFERENCES[m.split("@")[0]] for m in labels})
+                ref_s.append(time.perf_counter() - start)
+            assert len(ref) == len(rows), (len(ref), len(rows))
+            worst = max(
+                abs(
+                    r.value
+                    - (v := ref[r.metric, r.step, r.split, f"{r.data_type}.layers.{r.layer}.{r.component}"])
+                )
+                / abs(v)
+                for r in rows
+            )
+            assert worst < 1e-9, (
+                f"{name}: analysis and the reference disagree: relative difference {worst:.1e}"
+            )
+            ratios = sorted(r / p for r, p in zip(ref_s, pico_s))
+            print(
+                f"{name:<10}{len(rows):>7}  {f'pico.analysis.analyze ({device})':<30}{spread(pico_s):>22}"
+                f"{f'{np.median(ratios):.1f}x [{ratios[0]:.1f}, {ratios[-1]:.1f}]':>22}{worst:>14.1e}"
+            )
+            print(f"{'':<17}{'reload-per-metric NumPy f64':<30}{spread(ref_s):>22}{'1.0x':>22}")
 
 
 def spread(seconds: list[float]) -> str:
@@ -252,6 +278,9 @@ def main():
     parser.add_argument("--run-samples", type=int, default=256)
     parser.add_argument("--run-every", type=int, default=100)
     parser.add_argument("--analysis-repeats", type=int, default=3)
+    parser.add_argument(
+        "--passes", nargs="+", choices=list(PASSES), default=list(PASSES), help="analysis passes to time"
+    )
     parser.add_argument("--skip-analysis", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true", help="only the analysis pass")
     parser.add_argument(
