@@ -24,7 +24,7 @@ except ImportError:
     flash_attn_func = None
 
 # torch's CPU flash-attention kernel vectorises over the head dimension: narrower heads leave AVX-512's 16
-# fp32 lanes part empty and run slower than padded ones (benchmarks/README.md, "Attention head padding").
+# fp32 lanes part empty and run slower than padded ones (docs/benchmarks.md, "Head padding").
 CPU_MIN_HEAD_DIM = 16
 
 

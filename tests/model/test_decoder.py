@@ -57,6 +57,16 @@ def test_causality():
         assert not torch.allclose(out[:, t], base[:, t])
 
 
+def reference_attention(q, k, v):
+    """Causal GQA attention by hand in float64: q (B, T, H, D), k/v (B, T, K, D) -> (B, T, H, D)."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    H, K, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # head h reads h // (H/K)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
 def test_gqa_equals_attention_with_repeated_kv_by_hand():
     model = small_model()
     attn = model.layers[0].attention
@@ -64,25 +74,11 @@ def test_gqa_equals_attention_with_repeated_kv_by_hand():
     B, T = 2, 10
     x = torch.randn(B, T, 64)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    q = apply_rope(attn.q_proj(x).view(B, T, H, D), cos, sin).transpose(1, 2)  # (B, H, T, D)
-    k = apply_rope(attn.k_proj(x).view(B, T, K, D), cos, sin).transpose(1, 2)  # (B, K, T, D)
-    v = attn.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-    k = k.repeat_interleave(H // K, dim=1)  # query head h reads kv head h // (H / K)
-    v = v.repeat_interleave(H // K, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
+    q = apply_rope(attn.q_proj(x).view(B, T, H, D), cos, sin)  # (B, T, H, D)
+    k = apply_rope(attn.k_proj(x).view(B, T, K, D), cos, sin)  # (B, T, K, D)
+    v = attn.v_proj(x).view(B, T, K, D)  # (B, T, K, D)
+    y = reference_attention(q, k, v).float().reshape(B, T, H * D)
     torch.testing.assert_close(attn(x, cos, sin), attn.o_proj(y), rtol=1e-5, atol=1e-5)
-
-
-def reference_attention(q, k, v):
-    """Causal GQA attention by hand in float64: q (B, T, H, D), k/v (B, T, K, D) -> (B, T, H, D)."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-    H, K, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
 @pytest.mark.parametrize("head_dim", [4, 8, 12, CPU_MIN_HEAD_DIM, 24])
