@@ -3,8 +3,9 @@
 
 `writing`: once step_<step>'s files are all written, before it is renamed and named `latest` (the worst
 moment); `done`: right after `latest` names it; `background`: while step_<step> is being written in the
-background, once training has applied update step+1 (a run from scratch), before it is renamed. The
-crash-safety tests launch this instead of the recipe, so that the library itself carries no test hook.
+background, once training has applied update step+2 (a run from scratch; update step+1 is logged by then),
+before it is renamed. The crash-safety tests launch this instead of the recipe, so that the library itself
+carries no test hook.
 """
 
 import os
@@ -36,7 +37,9 @@ def apply_and_count(*args, **kwargs):
 def publish_then_maybe_die(root, tmp, at):
     """pico.run_dir.publish_step with a SIGKILL before or after it at the chosen step."""
     if at == int(step) and phase == "background":
-        for _ in range(at + 1):  # updates 1..step+1; the loop blocks on this write only at the next save
+        # updates 1..step+2: the loop logs update step+1 before it applies step+2, and it blocks on this
+        # write only at the next save (the caller's save_every leaves room for two more updates)
+        for _ in range(at + 2):
             updates.acquire(timeout=120)
     if at == int(step) and phase in ("writing", "background"):
         os.kill(os.getpid(), signal.SIGKILL)
