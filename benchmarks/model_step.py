@@ -80,12 +80,8 @@ def make_step(model: torch.nn.Module, impl: tuple, device: str):
             loss = train_step(model, [rows], precision)
         else:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                out = (
-                    model(input_ids=rows[:, :-1])
-                    if isinstance(model, LlamaForCausalLM)
-                    else model(rows[:, :-1])
-                )
-                logits = out.logits if isinstance(model, LlamaForCausalLM) else out  # (B, T, V)
+                ids = rows[:, :-1]  # (B, T)
+                logits = model(input_ids=ids).logits if isinstance(model, LlamaForCausalLM) else model(ids)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
             loss.backward()
         optimizer.step()
@@ -133,7 +129,7 @@ def measure_memory(name: str, vocab: int, args, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> tuple[dict, dict]:
+def measure_speed(impls: dict, config: PicoDecoderConfig, args, device: str) -> tuple[dict, dict, dict]:
     """Per implementation: tokens/s of each repetition (the median of its steps), the ratio to hf-llama of
     each repetition (the median of its rounds' ratios: steps alternate, so a round's steps share the
     machine's load) and the seconds of its first step (compilation included)."""
