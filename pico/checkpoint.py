@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 import pico.run_dir
 from pico.config import load_model_config
 from pico.distributed import barrier, is_main, new_gloo_group, unwrap
+from pico.errors import PicoError
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
 from pico.run_dir import (
@@ -142,8 +143,10 @@ def train_state(step: int, scheduler, stream) -> dict:
     }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PicoError, ValueError):
     """A checkpoint that cannot be resumed from; the message names the step directory and file."""
+
+    kind = "run error"
 
 
 def load_checkpoint(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pico.distributed import is_main
+from pico.errors import PicoError
 from pico.run_dir import (
     CONFIG,
     DYNAMICS,
@@ -43,8 +44,10 @@ PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) --
 _ILLEGAL_REF = re.compile(r"[^A-Za-z0-9._/-]+")
 
 
-class HubError(ValueError):
+class HubError(PicoError, ValueError):
     """A Hub request that cannot succeed as asked: no permission, unknown repo or revision, bad content."""
+
+    kind = "hub error"
 
 
 class HubUnavailable(HubError):

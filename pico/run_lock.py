@@ -16,14 +16,17 @@ import torch
 from pico.checkpoint import earlier_complete_step
 from pico.config import Config, save_config
 from pico.distributed import all_reduce_sum, is_main
+from pico.errors import PicoError
 from pico.run_dir import ANALYSIS, CHECKPOINTS, CONFIG, LATEST, TENSORBOARD, checkpoints_dir, resolve_resume
 
 LOCK = "run.lock"
 _held = {}  # lock path → its open file, for this process's lifetime: the OS releases it however it ends
 
 
-class RunDirError(ValueError):
+class RunDirError(PicoError, ValueError):
     """The run directory cannot be used as asked; the message names the directory, file or holder."""
+
+    kind = "run error"
 
 
 def lock_run_dir(run_dir, device: torch.device) -> None:

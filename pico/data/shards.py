@@ -15,12 +15,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pico.errors import PicoError
+
 COLUMN = "input_ids"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class DataError(ValueError):
+class DataError(PicoError, ValueError):
     """Bad or missing training data; the message names the path (and file row, 0-based) at fault."""
+
+    kind = "data error"
 
 
 def _one_line(e: Exception) -> str:

@@ -7,9 +7,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from pico.errors import PicoError
 
-class TaskError(ValueError):
+
+class TaskError(PicoError, ValueError):
     """A task cannot be loaded or scored; the one-line message names the task, the file and the row."""
+
+    kind = "evaluation error"
 
 
 class Encoder:
