@@ -167,8 +167,10 @@ class TokenStream:
 
     def global_batch(self, s: int) -> torch.Tensor:
         """Global batch `s` whole, as int64 CPU rows (batch_size, seq_len + 1): what all ranks' micro-batches
-        of step `s` hold together, read at once without moving the stream's position."""
+        of step `s` hold together, read at once without moving the stream's position (the read-ahead, which
+        shares the reader, stops and restarts at the next micro-batch)."""
         self._require(s)
+        self._stop_thread()
         return read_samples(self._order, self._reader, s * self.batch_size, (s + 1) * self.batch_size)
 
     def batches_holding(self, group: int, row: int, steps: int) -> list[tuple[int, int]]:

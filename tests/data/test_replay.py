@@ -249,3 +249,16 @@ def test_cli_refuses_changed_data(shards, tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "data error:" in proc.stderr and "shard part-1.parquet removed" in proc.stderr
+
+
+def test_global_batch_leaves_a_prefetching_stream_where_it_was(shards):
+    ref = TokenStream(shards, SEQ, B, 4, prefetch=0)
+    stream = TokenStream(shards, SEQ, B, 4, prefetch=2)
+    first = stream.next_batch()  # the read-ahead thread now runs
+    whole = stream.global_batch(5)
+    assert row_ids(whole) == list(range(80, 96))
+    for ours, theirs in zip(
+        first + stream.next_batch() + stream.next_batch(), sum((ref.next_batch() for _ in range(3)), [])
+    ):
+        assert torch.equal(ours, theirs)
+    stream.close(), ref.close()
