@@ -1,13 +1,17 @@
-"""TokenStream throughput vs a plain pyarrow full read, and the data-wait fraction of a tiny-model
-training step.
+"""TokenStream throughput vs a plain pyarrow full read, the data-wait fraction of a tiny-model
+training step, and the time of `batch_at` for one global batch of the tiny preset's shape.
 
 Reference: `pyarrow.parquet.read_table` of every file + `to_numpy` (what any reader must at least pay
 to see all tokens). The stream delivers int64 (inputs, labels) micro-batches; with W simulated ranks
 each rank reads only its slices, so its wall time should fall ~1/W ("vs pyarrow" = reference seconds /
 seconds per rank).
 Data wait = time blocked in next() / total training-step time.
+Replay reference: a full scan, i.e. streaming global batches 0..s to reach batch s (what finding a step's
+batch costs without seeking); `batch_at` reads the run's config, indexes and fingerprints the shards and
+reads only the row groups of batch s ("vs scan" = scan seconds / batch_at seconds).
 
     python benchmarks/data_stream.py --rows 8192 --seq-len 256 --steps 10
+    python benchmarks/data_stream.py --replay-only --replay-rows 8192
 """
 
 import argparse
@@ -19,7 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pico.data import TokenStream
+from pico.config import load_config, save_config
+from pico.data import TokenStream, batch_at, build_index
+from pico.data.fingerprint import record_fingerprint, train_fingerprint
 from pico.data.prepare import write_shards
 from pico.model import PicoDecoder, PicoDecoderConfig
 from pico.training import train_step
@@ -67,6 +73,39 @@ def data_wait(
     return blocked, total, steps
 
 
+def replay(rows: int, shards: int, shuffle_seed: int) -> None:
+    """Print the seconds to get the last global batch of the tiny preset's shape: batch_at vs a scan."""
+    cfg = load_config(None, [f"data.shuffle_seed={shuffle_seed}"])  # the defaults are the tiny preset's shape
+    B, L = cfg.data.batch_size, cfg.data.seq_len + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run = Path(tmp) / "data", Path(tmp) / "run"
+        ids = np.random.default_rng(0).integers(0, cfg.model_config().vocab_size, (rows, L), dtype=np.int32)
+        write_shards(ids, data, "bench", shards)
+        run.mkdir()
+        cfg.data.path = str(data)
+        save_config(cfg, run / "config.yaml")
+        record_fingerprint(run, train_fingerprint(build_index(str(data))))  # so batch_at checks it
+        step = rows // B - 1
+        scan_s, got_s = [], []
+        for _ in range(3):
+            start = time.perf_counter()
+            with TokenStream(data, L - 1, B, B, shuffle_seed=shuffle_seed, prefetch=0) as stream:
+                for _ in range(step + 1):
+                    scanned = next(stream)
+            scan_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            got = batch_at(run, step)
+            got_s.append(time.perf_counter() - start)
+        assert torch.equal(got, scanned)
+    print(
+        f"\nreplay: global batch {step} ({B} × {L}) of {rows} rows in {shards} shards (row groups of 256), "
+        f"shuffle_seed {shuffle_seed}, best of 3"
+    )
+    print(f"{'reader':<44}{'seconds':>10}{'vs scan':>10}")
+    print(f"{f'scan: TokenStream batches 0..{step} (reference)':<44}{min(scan_s):>10.3f}{1.0:>10.2f}")
+    print(f"{f'batch_at(run, {step})':<44}{min(got_s):>10.3f}{min(scan_s) / min(got_s):>10.2f}")
+
+
 def main() -> None:
     """Print the throughput and data-wait tables."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,8 +116,13 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--accumulation", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--replay-rows", type=int, default=8192, help="rows of 2049 tokens for the replay table")
+    p.add_argument("--replay-only", action="store_true", help="print only the replay table")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.replay_only:
+        replay(args.replay_rows, 8, shuffle_seed=0)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         rng = np.random.default_rng(0)
@@ -127,6 +171,7 @@ def main() -> None:
                 f"{prefetch:<12}{1e3 * total / steps:>10.1f}{1e3 * blocked / steps:>12.3f}"
                 f"{100 * blocked / total:>11.3f}%"
             )
+    replay(args.replay_rows, 8, shuffle_seed=0)
 
 
 if __name__ == "__main__":

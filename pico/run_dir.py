@@ -172,3 +172,11 @@ def new_step_dir(run_dir, step: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     return tmp
+
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint_file(run_dir) -> Path:
+    """`<run_dir>/data_fingerprint.json`: what data the run trained on (written by pico.data.fingerprint)."""
+    return Path(run_dir) / DATA_FINGERPRINT

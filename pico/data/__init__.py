@@ -7,12 +7,15 @@ _LAZY = {
     "prepare_dataset": "pico.data.prepare",
     "load_stats": "pico.data.prepare",
     "ensure_demo_corpus": "pico.data.demo",
+    "Replay": "pico.data.replay",
+    "batch_at": "pico.data.replay",
+    "when_seen": "pico.data.replay",
 }
 
 
 def __getattr__(name: str):
-    """Import `prepare_dataset`, `load_stats`, `ensure_demo_corpus` on first use
-    (keeps `python -m` runs clean)."""
+    """Import the names of `_LAZY` on first use (keeps `python -m` runs clean; pico.data.replay reads
+    configs, so it imports pico.config)."""
     if name in _LAZY:
         import importlib
 
@@ -22,7 +25,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataError",
+    "Replay",
     "TokenStream",
+    "batch_at",
     "build_index",
     "ensure_demo_corpus",
     "find_tokenizer",
@@ -32,4 +37,5 @@ __all__ = [
     "read_batch",
     "resolve_url",
     "split_rows",
+    "when_seen",
 ]

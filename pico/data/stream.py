@@ -43,6 +43,26 @@ class SampleOrder:
             self._rows = (epoch, g, perm)
         return g, int(self._rows[2][i - int(starts[j])])
 
+    def position(self, epoch: int, group: int, row: int) -> int:
+        """The sample number in epoch `epoch` of row `row` of row group `group`: the inverse of `locate`."""
+        if self.seed is None:
+            return int(self.index.rg_start[group]) + row
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.index.rg_rows))
+        j = int(np.flatnonzero(order == group)[0])
+        start = int(self.index.rg_rows[order[:j]].sum())
+        perm = np.random.default_rng([self.seed + epoch, group]).permutation(int(self.index.rg_rows[group]))
+        return start + int(np.flatnonzero(perm == row)[0])
+
+
+def read_samples(order: SampleOrder, reader: RowGroupReader, start: int, stop: int) -> torch.Tensor:
+    """Global samples [start, stop) of `order`, counted across epochs, as int64 rows (stop - start, T + 1)."""
+    rows = []
+    for g in range(start, stop):
+        epoch, i = divmod(g, order.index.num_samples)
+        group, row = order.locate(epoch, i)
+        rows.append(reader.read(group)[row])
+    return torch.from_numpy(np.stack(rows).astype(np.int64))  # (stop - start, seq_len + 1)
+
 
 def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows (B, T+1) -> (inputs, labels), each (B, T): the one place rows become next-token pairs."""
@@ -145,6 +165,26 @@ class TokenStream:
         """This rank's micro-batches `(micro_batch_size, seq_len + 1)` of the next global batch."""
         return [next(self) for _ in range(self.accumulation_steps)]
 
+    def global_batch(self, s: int) -> torch.Tensor:
+        """Global batch `s` whole, as int64 CPU rows (batch_size, seq_len + 1): what all ranks' micro-batches
+        of step `s` hold together, read at once without moving the stream's position (the read-ahead, which
+        shares the reader, stops and restarts at the next micro-batch)."""
+        self._require(s)
+        self._stop_thread()
+        return read_samples(self._order, self._reader, s * self.batch_size, (s + 1) * self.batch_size)
+
+    def batches_holding(self, group: int, row: int, steps: int) -> list[tuple[int, int]]:
+        """(s, j) for every global batch s < `steps` whose row j is row `row` of row group `group`: one
+        per epoch that reaches it (only the first epoch without wrap)."""
+        B, n = self.batch_size, self.num_samples
+        last = steps if self.wrap else min(steps, n // B)  # the batches that exist
+        found = []
+        for epoch in range(-(-last * B // n)):
+            g = epoch * n + self._order.position(epoch, group, row)
+            if g < last * B:
+                found.append(divmod(g, B))
+        return found
+
     def state_dict(self) -> dict:
         """Position after the micro-batches consumed so far, in global samples
         (world-size free at batch ends)."""
@@ -205,22 +245,23 @@ class TokenStream:
         if getattr(self, "_reader", None) is not None:
             self.close()
 
-    def _read(self, m: int) -> torch.Tensor:
-        """Micro-batch number `m` of this rank, as int64 CPU token rows (pinned for CUDA)."""
-        B, n = self.batch_size, self.num_samples
-        s, k = divmod(m, self.accumulation_steps)
+    def _require(self, s: int) -> None:
+        """Raise the end-of-data DataError when global batch `s` does not exist."""
         if not self.has_batch(s):
+            B, n = self.batch_size, self.num_samples
             raise DataError(
                 f"{self.path}: end of data: it has {n} samples, global batch {s} asks for samples "
                 f"[{s * B}, {(s + 1) * B}); use more data or wrap=True"
             )
-        start = s * B + self.rank * (B // self.world_size) + k * self.micro_batch_size
-        rows = []
-        for g in range(start, start + self.micro_batch_size):
-            epoch, i = divmod(g, n)
-            group, row = self._order.locate(epoch, i)
-            rows.append(self._reader.read(group)[row])
-        ids = torch.from_numpy(np.stack(rows).astype(np.int64))  # (mb, seq_len + 1)
+
+    def _read(self, m: int) -> torch.Tensor:
+        """Micro-batch number `m` of this rank, as int64 CPU token rows (pinned for CUDA)."""
+        s, k = divmod(m, self.accumulation_steps)
+        self._require(s)
+        start = (
+            s * self.batch_size + self.rank * (self.batch_size // self.world_size) + k * self.micro_batch_size
+        )
+        ids = read_samples(self._order, self._reader, start, start + self.micro_batch_size)  # (mb, T + 1)
         return ids.pin_memory() if self.device.type == "cuda" else ids
 
     def _take(self) -> torch.Tensor:
