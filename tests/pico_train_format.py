@@ -1,6 +1,6 @@
 """pico-train runs, written exactly as pico-train's trainer writes them: the ground truth pico's reader is
-tested against. Written from /work/notes-style documentation of pico-train's code (docs/hub.md, "The
-pico-decoder suite"); no third-party code or data.
+tested against. Written from a reading of pico-train's trainer, checkpointing and model code (and of the
+Lightning, DeepSpeed and huggingface_hub calls it makes); no third-party code or data.
 
 What a run holds (pico-train's `Trainer.train` / `_training_loop`, `save_checkpoint`,
 `save_learning_dynamics_states`, `save_evaluation_results`):

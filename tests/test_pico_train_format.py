@@ -1,5 +1,5 @@
-"""The pico-train writer of the test suite writes what pico-train's code writes (/work/notes' format notes,
-docs/hub.md): checked here against independent float64 recomputations, so that reader tests can trust it."""
+"""The test suite's pico-train writer writes what pico-train's code writes: checked here against independent
+float64 recomputations and explicit index formulas, so that reader tests can trust it."""
 
 import json
 import runpy
