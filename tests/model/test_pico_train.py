@@ -67,6 +67,17 @@ def test_logits_equal_the_reference_forward(tmp_path, overrides):
     assert not (folder / REMOTE_CODE_MARKER).exists() and "pico_decoder" not in sys.modules
 
 
+def test_exported_to_llama_it_gives_transformers_the_same_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    folder, reference = pico_train_step(tmp_path / "step_0")
+    PicoDecoder.from_pretrained(folder).save_pretrained(tmp_path / "llama")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
+    ids = torch.randint(0, reference.c["vocab_size"], (2, reference.c["max_seq_len"]))
+    with torch.no_grad():
+        assert (llama(ids).logits - reference(ids)).abs().max() <= 1e-4
+
+
 def test_the_q_k_row_order_is_what_makes_them_equal(tmp_path, monkeypatch):
     folder, reference = pico_train_step(tmp_path / "step_0")
     monkeypatch.setattr(pico_train, "interleaved_to_half", lambda weight, n_heads: weight)
