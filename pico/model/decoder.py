@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico.model import hf
+from pico.model import hf, pico_train
 from pico.model.config import PRESETS, PicoDecoderConfig
 
 __all__ = ["PRESETS", "PicoDecoder", "PicoDecoderConfig"]
@@ -217,9 +217,10 @@ class PicoDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PicoDecoder:
-        """Load (fp32, CPU) a model saved by save_pretrained, or a LlamaForCausalLM checkpoint saved
-        by transformers."""
-        config, state_dict = hf.load_pretrained(directory)
+        """Load (fp32, CPU) a model saved by save_pretrained, a LlamaForCausalLM checkpoint saved
+        by transformers, or a pico-train `pico_decoder` checkpoint (its remote code is never run)."""
+        load = pico_train.load_pretrained if pico_train.is_pico_train_model(directory) else hf.load_pretrained
+        config, state_dict = load(directory)
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")
