@@ -14,13 +14,13 @@ TEXT = [  # invented lines for a tiny BPE
     "Two tall farmers repair the broken fence on the hill.",
     "My neighbour sells some fresh bread near the harbour.",
 ]
-# pico module -> its TransformerLens hook (the module's output). q/k/v come split into heads there.
+# pico module -> the TransformerLens hook of its output (docs/interop.md); q/k/v come split into heads there.
 TL_HOOKS = {
     "embedding_proj": "hook_embed",
     "layers.3.attention_norm": "blocks.3.ln1.hook_out",
-    "layers.3.attention.q_proj": "blocks.3.attn.q.hook_out",
-    "layers.3.attention.k_proj": "blocks.3.attn.k.hook_out",
-    "layers.3.attention.v_proj": "blocks.3.attn.v.hook_out",
+    "layers.3.attention.q_proj": "blocks.3.attn.hook_q",
+    "layers.3.attention.k_proj": "blocks.3.attn.hook_k",
+    "layers.3.attention.v_proj": "blocks.3.attn.hook_v",
     "layers.3.attention.o_proj": "blocks.3.hook_attn_out",
     "layers.3.swiglu_norm": "blocks.3.ln2.hook_out",
     "layers.3.swiglu.w_0": "blocks.3.mlp.hook_pre",
