@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import queue
 import re
 import sys
 import threading
@@ -39,6 +40,8 @@ JOURNAL = "hub.json"  # in <run_dir>/checkpoints/: the steps on the Hub, per "<r
 DRAIN_TIMEOUT = 3600.0  # seconds the end of training waits for pending uploads
 MAX_DELAY = 60.0  # longest pause between two upload attempts
 DRAIN_ATTEMPTS = 3  # at the end, consecutive attempts that find the Hub unreachable before giving up
+PROGRESS_EVERY = 10.0  # seconds between the progress lines of the end-of-training wait
+_PUBLISHED, _FINISH = "published", "finish"  # the notes the upload worker receives
 STEP_TITLE = re.compile(r"step (\d+)")  # pico's commit titles
 PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)")
 _ILLEGAL_REF = re.compile(r"[^A-Za-z0-9._/-]+")
@@ -263,30 +266,29 @@ def _stale(files: list[str], keep: dict[str, Path]) -> list[str]:
 class Uploader:
     """Uploads the run's published steps in a background thread; a disabled one (no repo, rank > 0) is a
     no-op. Pending steps are the published `step_<N>/` not yet in the journal, so nothing queued is lost
-    when the process dies, and a step is never committed twice (the branch's commits are checked first)."""
+    when the process dies, and a step is never committed twice (the branch's commits are checked first).
+    After a failed attempt the worker waits `backoff` s, doubling up to MAX_DELAY, whatever is published."""
 
     def __init__(
         self,
         run_dir,
         repo_id: str | None,
+        *,
         branch: str | None = None,
         private: bool = True,
         upload_state: bool = True,
         backoff: float = 1.0,
         echo=print,
     ):
-        self.run_dir, self.repo_id, self.private, self.upload_state = (
-            Path(run_dir),
-            repo_id,
-            private,
-            upload_state,
-        )
+        self.run_dir, self.repo_id = Path(run_dir), repo_id
         self.branch = branch or ref_name(self.run_dir.resolve().name)
-        self.backoff, self.echo, self.error = backoff, echo, None
-        self._wake, self._stopping, self._thread = threading.Event(), False, None
-        self._remote: dict[int, str] | None = None  # step → commit on the branch, known once connected
-        self._tags: set[str] = set()
-        self._busy: int | None = None
+        self.private, self.upload_state, self.backoff, self.echo = private, upload_state, backoff, echo
+        self._notes = queue.SimpleQueue()  # main thread and writer thread → worker: _PUBLISHED, _FINISH
+        self._lock = threading.Lock()  # guards _status: the worker writes it, the main thread reads it
+        self._status = {"error": None, "busy": None, "connected": False}
+        self._worker: threading.Thread | None = None
+        self._remote: dict[int, str] | None = None  # the worker's: step → commit on the branch (once known)
+        self._tags: set[str] = set()  # the worker's: the repo's tags, once connected
 
     @property
     def target(self) -> str:
@@ -298,8 +300,19 @@ class Uploader:
         """True on rank 0 of a run with `checkpointing.hub.repo_id` set."""
         return self.repo_id is not None and is_main()
 
+    @property
+    def error(self) -> Exception | None:
+        """The error of the last attempt, None after a success."""
+        with self._lock:  # NOTE: the worker may be writing it
+            return self._status["error"]
+
+    def _report(self, **status) -> None:
+        with self._lock:  # NOTE: the main thread reads these for finish()'s lines and the CLI
+            self._status.update(status)
+
     def pending(self) -> list[int]:
-        """Published steps of the run directory not yet on the Hub, ascending."""
+        """Published steps of the run directory not yet on the Hub, ascending. Either thread may ask: the
+        journal is replaced atomically, so a reader sees it before or after an upload, never half-written."""
         try:
             local = list_steps(self.run_dir, require=STATE)
         except ValueError:  # no checkpoint yet
@@ -316,39 +329,43 @@ class Uploader:
         try:
             self._connect(hub)
         except HubUnavailable as e:
-            self.error = e
+            self._report(error=e)
             self.echo(f"hub: warning: {e}; training goes on and uploads wait for the network")
-        self._thread = threading.Thread(target=self._work, args=(hub,), name="pico-hub-upload", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._work, args=(hub,), name="pico-hub-upload", daemon=True)
+        self._worker.start()
         return self
 
     def enqueue(self, step: int) -> None:
-        """Step N is published (`step_<N>/` renamed into place): wake the worker. Never blocks."""
+        """Step N is published (`step_<N>/` renamed into place): tell the worker. Never blocks; any thread."""
         if self.enabled:
-            self._wake.set()
+            self._notes.put(_PUBLISHED)
 
     def finish(self, timeout: float = DRAIN_TIMEOUT) -> list[int]:
         """Wait for the pending uploads (a progress line every 10 s, at most `timeout` s; DRAIN_ATTEMPTS
         attempts in a row that find the Hub unreachable end the wait); print what is left with the command
         that retries it. Returns those steps."""
-        if not self.enabled or self._thread is None:
+        if not self.enabled or self._worker is None:
             return []
-        self._stopping = True
-        self._wake.set()
-        deadline, shown = time.monotonic() + timeout, time.monotonic()
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            self._thread.join(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            if self._thread.is_alive() and time.monotonic() - shown >= 10:
-                shown, left = time.monotonic(), self.pending()
-                self.echo(f"hub: {len(left)} step(s) left to upload to {self.target} (step {self._busy} now)")
+        self._notes.put(_FINISH)
+        deadline = time.monotonic() + timeout
+        while self._worker.is_alive() and (remaining := deadline - time.monotonic()) > 0:
+            # NOTE: joined in slices, to print progress while the worker drains and to stop at the deadline
+            self._worker.join(timeout=min(PROGRESS_EVERY, remaining))
+            if self._worker.is_alive():
+                with self._lock:  # NOTE: the worker updates the step it is on
+                    busy = self._status["busy"]
+                count = len(self.pending())
+                self.echo(f"hub: {count} step(s) left to upload to {self.target} (step {busy} now)")
         left = self.pending()
+        with self._lock:  # NOTE: the worker may still run, past the deadline
+            error, connected = self._status["error"], self._status["connected"]
         if left:
-            why = f" ({self.error})" if self.error else ""
+            why = f" ({error})" if error else ""
             self.echo(
                 f"hub: steps {left} are not on {self.target} yet{why}; retry with: "
                 f"python -m pico.hub upload {self.run_dir} --repo-id {self.repo_id} --branch {self.branch}"
             )
-        elif self._remote is not None:
+        elif connected:
             self.echo(f"hub: every step is on {self.target}")
         return left
 
@@ -358,9 +375,12 @@ class Uploader:
         hub.create_branch(self.repo_id, self.branch)
         self._remote = steps_on_branch(hub.list_commits(self.repo_id, self.branch))
         self._tags = set(hub.list_tags(self.repo_id))
+        self._report(connected=True)
 
     def _upload(self, hub: Hub, step: int) -> None:
         """Commit step N (unless the branch has it), tag it, and record it in the journal."""
+        if self._remote is None:
+            self._connect(hub)
         commit = self._remote.get(step)
         if commit is None:
             files = step_files(self.run_dir, step, self.upload_state)
@@ -376,37 +396,60 @@ class Uploader:
         _write_journal(self.run_dir, self.target, uploaded)
 
     def _work(self, hub: Hub) -> None:
-        """Upload pending steps oldest first, retrying with exponential backoff (capped at MAX_DELAY s)."""
-        delay, failures = self.backoff, 0
+        """The worker: upload pending steps oldest first; end when finish() was called and none is left."""
+        delay, failures, finishing = self.backoff, 0, False
         while True:
+            finishing |= _FINISH in self._receive(0)  # the notes so far: the disk below shows their steps
             todo = self.pending()
             if not todo:
-                if self._stopping:
+                if finishing:
                     return
-                self._wake.wait()
-                self._wake.clear()
+                finishing |= _FINISH in self._receive(None)
                 continue
+            self._report(busy=todo[0])
             try:
-                if self._remote is None:
-                    self._connect(hub)
-                self._busy = todo[0]
                 self._upload(hub, todo[0])
-                delay, failures, self.error = self.backoff, 0, None
-            except Exception as e:  # an upload never stops training; HubError, or a local file gone
-                self.error, self._remote = e, None  # reconnect: the failed commit may have landed
+            except Exception as e:  # an upload never stops training: HubError(s), or a local file gone
+                self._remote = None  # reconnect: the failed commit may have landed
+                self._report(error=e, busy=None)
                 failures += 1
-                if self._stopping and isinstance(e, HubUnavailable) and failures >= DRAIN_ATTEMPTS:
+                if finishing and isinstance(e, HubUnavailable) and failures >= DRAIN_ATTEMPTS:
                     return  # draining with the Hub unreachable: report now rather than wait an hour
-                self._wake.wait(delay)
+                finishing |= self._back_off(delay)
                 delay = min(2 * delay, MAX_DELAY)
-            finally:
-                self._busy = None
+            else:
+                delay, failures = self.backoff, 0
+                self._report(error=None, busy=None)
+
+    def _receive(self, timeout: float | None) -> set[str]:
+        """The notes sent to the worker: wait up to `timeout` s (None: as long as it takes, 0: not at all)
+        for the first, then take all the others queued, so that none wakes the worker again."""
+        notes = set()
+        try:
+            # NOTE: blocks for at most `timeout`; the idle worker (None) until a step is published or finish()
+            notes.add(self._notes.get(block=timeout != 0, timeout=timeout or None))
+            while True:
+                notes.add(self._notes.get_nowait())
+        except queue.Empty:  # the queue is empty: every note sent so far is taken
+            pass
+        return notes
+
+    def _back_off(self, delay: float) -> bool:
+        """Wait `delay` s after a failed attempt; True when finish() was called meanwhile, which ends the
+        wait. A step published meanwhile does not: it waits on disk for the next attempt."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if _FINISH in self._receive(left):  # NOTE: a timed wait: this is the backoff
+                return True
+        return False
 
 
 def start_uploader(run_dir, hub_config) -> Uploader:
     """The uploader of `checkpointing.hub`, started (a no-op one when repo_id is unset or on rank > 0)."""
     c = hub_config
-    return Uploader(run_dir, c.repo_id, c.branch, c.private, c.upload_state).start()
+    return Uploader(
+        run_dir, c.repo_id, branch=c.branch, private=c.private, upload_state=c.upload_state
+    ).start()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,9 +600,9 @@ def main(argv=None) -> None:
         uploader = Uploader(
             args.run_dir,
             repo_id,
-            args.branch or (cfg.branch if cfg else None),
-            cfg.private if cfg else True,
-            cfg.upload_state if cfg else True,
+            branch=args.branch or (cfg.branch if cfg else None),
+            private=cfg.private if cfg else True,
+            upload_state=cfg.upload_state if cfg else True,
         ).start()
         if uploader.error is None and not uploader.pending():
             print(f"hub: nothing to upload to {uploader.target}")

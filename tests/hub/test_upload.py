@@ -1,6 +1,7 @@
 """The uploader and the journal on hand-made step directories, against the local stand-in (no training)."""
 
 import json
+import time
 
 import pytest
 
@@ -134,3 +135,27 @@ def test_ref_names():
     assert ref_name("my run: 1") == "my-run-1"
     assert ref_name("a..b/") == "a.b"
     assert step_tag("pico-decoder-tiny-1", 1000) == "pico-decoder-tiny-1/step_1000"
+
+
+def test_backoff_holds_while_steps_are_published(tmp_path, hub):
+    """With the real backoff (1 s, doubling), steps published while the Hub is down do not cut the waits
+    short: the attempts stay 1 s, then 2 s apart, a handful of calls in 3.5 s; finish() ends a wait."""
+    run = make_steps(tmp_path / "run", steps=(0,))
+    hub.set_faults(offline=True)  # every attempt is one call (create_repo), which fails
+    up = Uploader(run, REPO, backoff=1.0, echo=lambda line: None).start()
+    start = time.time()
+    for step in (2, 4, 6):
+        time.sleep(1.0)
+        make_steps(run, steps=(step,))
+        up.enqueue(step)
+    time.sleep(start + 3.5 - time.time())
+    attempts = [c["time"] for c in hub.calls()]
+    assert 3 <= len(attempts) <= 5, f"{len(attempts)} calls in 3.5 s"  # start() + the worker at 0, 1, (3) s
+    gaps = [b - a for a, b in zip(attempts[1:], attempts[2:])]
+    assert gaps[0] >= 0.95 and all(g >= 1.95 for g in gaps[1:]), gaps
+    hub.set_faults()  # the network is back; the worker sleeps until about 7 s
+    finish = time.time()
+    assert up.finish(timeout=30) == []
+    assert time.time() - finish < 3  # finish() woke it
+    assert titles(hub, "run") == ["initial commit", "step 0", "step 2", "step 4", "step 6"]
+    assert len(hub.calls("create_commit")) == 4
