@@ -27,16 +27,17 @@ from pico.run_dir import (
     CONFIG,
     DYNAMICS,
     EVAL,
+    HUB_JOURNAL,
     MODEL,
     STATE,
     checkpoints_dir,
     list_steps,
+    run_name,
     step_dir,
     step_name,
     write_atomic,
 )
 
-JOURNAL = "hub.json"  # in <run_dir>/checkpoints/: the steps on the Hub, per "<repo_id>@<branch>"
 DRAIN_TIMEOUT = 3600.0  # seconds the end of training waits for pending uploads
 MAX_DELAY = 60.0  # longest pause between two upload attempts
 DRAIN_ATTEMPTS = 3  # at the end, consecutive attempts that find the Hub unreachable before giving up
@@ -218,7 +219,7 @@ def steps_on_branch(commits: list[Commit]) -> dict[int, str]:
 
 
 def _journal_path(run_dir) -> Path:
-    return checkpoints_dir(run_dir) / JOURNAL
+    return checkpoints_dir(run_dir) / HUB_JOURNAL
 
 
 def read_journal(run_dir, target: str) -> dict[int, str]:
@@ -281,7 +282,7 @@ class Uploader:
         echo=print,
     ):
         self.run_dir, self.repo_id = Path(run_dir), repo_id
-        self.branch = branch or ref_name(self.run_dir.resolve().name)
+        self.branch = branch or ref_name(run_name(self.run_dir))
         self.private, self.upload_state, self.backoff, self.echo = private, upload_state, backoff, echo
         self._notes = queue.SimpleQueue()  # main thread and writer thread → worker: _PUBLISHED, _FINISH
         self._lock = threading.Lock()  # guards _status: the worker writes it, the main thread reads it
@@ -466,7 +467,7 @@ def resume_source(resume: str, hub_config, run_dir) -> str:
     `hf://<repo>@<revision>` become the local folder of that step's downloaded `state/`."""
     if resume == "hub":
         repo_id = hub_config.repo_id
-        branch = hub_config.branch or ref_name(Path(run_dir).resolve().name)
+        branch = hub_config.branch or ref_name(run_name(run_dir))
         hub = connect()
         steps = steps_on_branch(hub.list_commits(repo_id, branch))
         if not steps:

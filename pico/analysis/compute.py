@@ -20,7 +20,7 @@ from pico.analysis.spec import (
 from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
 from pico.metrics import Metric, get_metric
-from pico.run_dir import list_steps, module_matches
+from pico.run_dir import list_steps, module_matches, run_name
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 SVD_NORMS = ("nuc", "spectral")  # the norm kinds computed from singular values
@@ -181,8 +181,8 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
 
 
 def run_names(runs) -> list[str]:
-    """Run names for the table: each run directory's folder name (they must differ)."""
-    names = [Path(r).resolve().name for r in runs]
+    """Run names for the table: each run directory's name (pico.run_dir.run_name; they must differ)."""
+    names = [run_name(r) for r in runs]
     for name in names:
         if names.count(name) > 1:
             raise ValueError(f"two runs are both named {name!r}; the run column needs distinct folder names")

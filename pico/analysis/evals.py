@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pico.analysis.table import Rows
-from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, step_dir
+from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, run_name, step_dir
 
 
 class EvalRow(NamedTuple):
@@ -65,7 +65,7 @@ def eval_rows(run_dir) -> Rows:
         steps = list_steps(run_dir, require=EVAL)
     except ValueError:  # no step has an eval.json
         return Rows()
-    name = run_dir.resolve().name
+    name = run_name(run_dir)
     return Rows(row for step in steps for row in read_evals(step_dir(run_dir, step) / EVAL, name))
 
 

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 import pico
-from pico.run_dir import CHECKPOINTS, DYNAMICS, MODEL, dynamics_file, step_dir, tensor_key
+from pico.run_dir import CHECKPOINTS, DYNAMICS, MODEL, dynamics_file, run_name, step_dir, tensor_key
 
 SPLITS = {"train": "train", "val": "eval"}  # pico-train prefix → pico split
 KINDS = ("activations", "weights", "gradients")
@@ -183,7 +183,7 @@ def as_pico_run(run_dir) -> Path:
             model = hf_config((yaml.safe_load(config.read_text()) or {}).get("model") or {})
         except (ValueError, yaml.YAMLError, AttributeError) as e:
             raise ValueError(f"{config}: {e}".splitlines()[0]) from None
-    out = run_dir / LAYOUT / run_dir.resolve().name
+    out = run_dir / LAYOUT / run_name(run_dir)
     for step, path in sorted(steps.items()):
         convert_step(path / DYNAMICS, step_dir(out, step), model, path, step)
     return out

@@ -18,7 +18,7 @@ from pico.analysis.compute import compute_device
 from pico.analysis.evals import eval_rows
 from pico.analysis.table import Rows
 from pico.components import get_component
-from pico.run_dir import DATA_TYPES, SPLITS, list_steps
+from pico.run_dir import DATA_TYPES, SPLITS, list_steps, run_name
 
 
 class Run:
@@ -26,7 +26,7 @@ class Run:
 
     def __init__(self, path, device: str = "auto", dtype: str = "auto"):
         self.path = Path(path)
-        self.name = self.path.resolve().name
+        self.name = run_name(self.path)
         self.device, self.dtype = compute_device(device, dtype)
         self.steps = list_steps(self.path)  # steps with learning dynamics, ascending
         self._checkpoint = None  # the last step read: its tensors stay loaded until another step is read
