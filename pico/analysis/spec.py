@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pico.config import ConfigError, load_tree
+from pico.config_loader import ConfigError, load_tree
 from pico.learning_dynamics import DTYPES as TORCH_DTYPES
 from pico.metrics import get_metric
 from pico.run_dir import DATA_TYPES, SPLITS

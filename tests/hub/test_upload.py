@@ -2,10 +2,11 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
-import pico.hub
+import pico.hub.cli
 from pico.hub import HubError, Uploader, read_journal, ref_name, resume_source, step_tag
 from pico.run_dir import step_dir
 
@@ -96,14 +97,14 @@ def test_offline_keeps_steps_pending_then_cli_uploads(tmp_path, hub, capsys):
     assert read_journal(run, f"{REPO}@run") == {}
     hub.set_faults()
     with pytest.raises(SystemExit) as e:
-        pico.hub.main(["upload", str(run), "--repo-id", REPO])
+        pico.hub.cli.main(["upload", str(run), "--repo-id", REPO])
     assert e.value.code == 0
     assert titles(hub, "run") == ["initial commit", "step 0", "step 2"]
 
 
 def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
     with pytest.raises(SystemExit) as e:
-        pico.hub.main(["upload", str(tmp_path)])
+        pico.hub.cli.main(["upload", str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hub error:") and "--repo-id" in err and "\n" not in err
@@ -116,7 +117,7 @@ def test_resume_source_downloads_only_state_and_config(tmp_path, hub):
     assert (tmp_path / "standin" / "cache").exists()
     (download,) = hub.calls("downloaded")
     assert download["files"] == ["config.yaml", "state/.metadata", "state/__0_0.distcp"]
-    assert (pico.hub.Path(folder) / "state" / ".metadata").read_text() == "meta 0"
+    assert (Path(folder) / "state" / ".metadata").read_text() == "meta 0"
     assert resume_source("auto", None, run) == "auto"
 
 
@@ -159,3 +160,17 @@ def test_backoff_holds_while_steps_are_published(tmp_path, hub):
     assert time.time() - finish < 3  # finish() woke it
     assert titles(hub, "run") == ["initial commit", "step 0", "step 2", "step 4", "step 6"]
     assert len(hub.calls("create_commit")) == 4
+
+
+def test_cli_reads_only_the_hub_section_of_a_forks_config(tmp_path, hub, capsys):
+    run = make_steps(tmp_path / "fork-run")
+    (run / "config.yaml").write_text(f"checkpointing: {{hub: {{repo_id: {REPO}}}}}\nrelora: {{rank: 8}}\n")
+    with pytest.raises(SystemExit) as e:
+        pico.hub.cli.main(["upload", str(run)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert titles(hub, "fork-run") == ["initial commit", "step 0", "step 2"]
+    (run / "config.yaml").write_text("checkpointing: {hub: {repo_id: me/x, token: abc}}\n")
+    with pytest.raises(SystemExit) as e:
+        pico.hub.cli.main(["upload", str(run)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("config error: checkpointing.hub.token: unknown key")
