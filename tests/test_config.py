@@ -123,7 +123,7 @@ def test_in_situ_metrics_are_checked_at_load_time(metrics, message):
 def test_analysis_specs_share_the_loader(tmp_path):
     from pico.analysis import SpecError, load_spec
 
-    assert issubclass(SpecError, ConfigError)
+    assert issubclass(SpecError, ConfigError) and SpecError.kind == "spec error"
     path = tmp_path / "spec.yaml"
     path.write_text("- per\n")
     with pytest.raises(ConfigError, match="expected a mapping of keys at the top level"):
