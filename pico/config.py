@@ -1,11 +1,12 @@
-"""Run configuration: nested dataclasses, YAML files and typed `section.key=value` overrides,
-strictly validated."""
+"""The run configuration: its sections as dataclasses, and their validation (docs/configuration.md).
+
+Reading (YAML, `section.key=value` overrides, typed dataclasses, ConfigError) is pico.config_loader's; the
+`checkpointing.hub` section and its checks are pico.hub.config's.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +14,12 @@ from typing import Literal
 
 import yaml
 
-from pico.errors import PicoError
+from pico.config_loader import ConfigError, build, load_tree, section
 from pico.evaluation import TASK_NAMES, TaskSpec
-from pico.metrics import get_metric
+from pico.hub.config import HubConfig, check_hub_config
+from pico.metrics import METRICS
 from pico.model.config import PicoDecoderConfig
 from pico.run_dir import DEFAULT_LAYERS
-
-
-class ConfigError(PicoError, ValueError):
-    """A bad configuration value; the message names the offending key."""
-
-    kind = "config error"
-
 
 # The `model` section: `preset` plus every PicoDecoderConfig field as an optional override, derived from
 # PicoDecoderConfig so that a new model field is one edit there.
@@ -71,17 +66,6 @@ class TrainingConfig:
     compile: bool = False
     seed: int = 42
     nan_policy: Literal["skip", "stop"] = "stop"
-
-
-@dataclass
-class HubConfig:
-    """Upload every checkpoint step to a Hugging Face Hub repo while training (docs/hub.md); off while
-    `repo_id` is unset. The token comes from HF_TOKEN or `hf auth login`, never from the config."""
-
-    repo_id: str | None = None
-    branch: str | None = None  # default: the run directory's name
-    private: bool = True
-    upload_state: bool = True  # the DCP state/, so that a run can resume from the Hub
 
 
 @dataclass
@@ -154,108 +138,8 @@ class Config:
             if self.model.preset is None:
                 return PicoDecoderConfig(**fields)
             return PicoDecoderConfig.preset(self.model.preset, **fields)
-        except (TypeError, ValueError) as e:  # PicoDecoderConfig names the field: "model.d_model=..."
+        except ValueError as e:  # PicoDecoderConfig's checks, one line naming the field: "model.d_model=..."
             raise ConfigError(str(e)) from None
-
-
-def _coerce(key: str, value, tp):
-    """Check `value` against the annotation `tp`, converting where lossless (int → float, '3e-4' → float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, tp)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if dataclasses.is_dataclass(tp):  # a list entry such as a task: a mapping, or its name alone
-        return _build(tp, {"name": value} if isinstance(value, str) else value, key)
-    if origin is list:
-        if isinstance(value, (str, int, float, dict)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # no pico key means anything by NaN or ±inf (null disables)
-                raise ConfigError(f"{key}: expected a finite number, got {value}")
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        raise TypeError(f"unsupported annotation {tp} for {key}")
-    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-
-
-def _build(cls, data: dict, prefix: str):
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(key, value, tp)
-    return cls(**kwargs)
-
-
-def _set_override(tree: dict, override: str, sections: bool) -> None:
-    """Apply one override to the nested dict `tree`: `section.key=value` (or `section.sub.key=value` for
-    a nested section) when `sections`, else `key=value`; the value is parsed as YAML."""
-    shape = "section.key" if sections else "key"
-    path, sep, raw = override.partition("=")
-    parts = path.strip().split(".")
-    if not sep or not all(parts) or (len(parts) < 2 if sections else len(parts) != 1):
-        raise ConfigError(f"{override}: overrides look like {shape}=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    for part in parts[:-1]:
-        tree = tree.setdefault(part, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{part}: expected a mapping, got {tree!r}")
-    tree[parts[-1]] = value
-
-
-def load_tree(
-    path: str | Path | None, overrides=(), sections: bool = True, default: dict | None = None
-) -> dict:
-    """The mapping in YAML file `path` (or a copy of `default`) with `key.path=value` overrides applied.
-
-    The one loader of every pico config (training runs and analysis specs); errors are ConfigErrors.
-    """
-    tree = dict(default or {})
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}"
-            )
-    for override in overrides:
-        _set_override(tree, override, sections)
-    return tree
 
 
 def _validate(cfg: Config) -> None:
@@ -317,11 +201,10 @@ def _validate_evaluation(e: EvaluationConfig) -> None:
 def _validate_learning_dynamics(ld: LearningDynamicsConfig) -> None:
     """In-situ metrics exist and take one tensor; capture names at least one layer."""
     for name in ld.metrics:
-        try:
-            comparative = get_metric(name).comparative
-        except ValueError as e:
-            raise ConfigError(f"learning_dynamics.metrics: {e}") from None
-        if comparative:
+        if name not in METRICS:
+            known = ", ".join(sorted(METRICS))
+            raise ConfigError(f"learning_dynamics.metrics: unknown metric {name!r}; registered: {known}")
+        if METRICS[name].comparative:
             raise ConfigError(
                 f"learning_dynamics.metrics: {name!r} compares two tensors; in-situ metrics take "
                 "one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints with "
@@ -345,29 +228,7 @@ def _validate_checkpointing(ck: CheckpointingConfig) -> None:
             if not path.is_dir():
                 raise ConfigError(f"checkpointing.run_dir: {path} is a file, not a directory")
             break
-    _validate_hub(ck)
-
-
-def _validate_hub(ck: CheckpointingConfig) -> None:
-    """`checkpointing.hub` and Hub resume sources are well-formed (the Hub itself is checked at start-up)."""
-    from pico.hub import check_repo_id, parse_hf_uri, ref_name
-
-    checks = [("checkpointing.hub.repo_id", check_repo_id, ck.hub.repo_id)]
-    if ck.resume.startswith("hf://"):
-        checks.append(("checkpointing.resume", parse_hf_uri, ck.resume))
-    for key, check, value in checks:
-        try:
-            if value is not None:
-                check(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    if ck.hub.branch is not None and ref_name(ck.hub.branch) != ck.hub.branch:
-        raise ConfigError(
-            f"checkpointing.hub.branch: {ck.hub.branch!r} is not a legal branch name "
-            f"(nearest: {ref_name(ck.hub.branch)!r})"
-        )
-    if ck.resume == "hub" and ck.hub.repo_id is None:
-        raise ConfigError("checkpointing.resume: 'hub' needs checkpointing.hub.repo_id")
+    check_hub_config(ck.hub, ck.resume)
 
 
 def load_config(
@@ -375,7 +236,7 @@ def load_config(
 ) -> Config:
     """Load a YAML config (or the defaults), apply `section.key=value` overrides, validate;
     raise ConfigError. `cls`: a Config subclass whose extra dataclass fields are a fork's own sections."""
-    cfg = _build(cls, load_tree(path, overrides), "")
+    cfg = build(cls, load_tree(path, overrides), "")
     _validate(cfg)
     return cfg
 
@@ -383,7 +244,7 @@ def load_config(
 def load_model_config(path: str | Path) -> PicoDecoderConfig:
     """The PicoDecoderConfig of the `model:` section of YAML config `path`; other sections (a fork's own
     included) are not read, so any run's config.yaml names its model. Raises ConfigError."""
-    model = _build(ModelConfig, load_tree(path).get("model") or {}, "model")
+    model = build(ModelConfig, section(load_tree(path), "model"), "model")
     return Config(model=model).model_config()
 
 

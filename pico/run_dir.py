@@ -174,6 +174,15 @@ def new_step_dir(run_dir, step: int) -> Path:
     return tmp
 
 
+# The run's name and the Hub journal (pico.hub, pico.analysis).
+HUB_JOURNAL = "hub.json"  # in checkpoints/: the steps on the Hub per "<repo_id>@<branch>" (docs/hub.md)
+
+
+def run_name(run_dir) -> str:
+    """A run's name: its directory's folder name (the analysis' `run` column, the default Hub branch)."""
+    return Path(run_dir).resolve().name
+
+
 DATA_FINGERPRINT = "data_fingerprint.json"
 
 

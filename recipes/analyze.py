@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pico.analysis import analyze, load_spec, save
-from pico.hub import analysis_runs
+from pico.analysis.sources import analysis_runs
 
 
 def main(argv=None):
@@ -46,7 +46,8 @@ def main(argv=None):
 
     try:
         spec = load_spec(args.config, args.overrides)
-        read, write = analysis_runs(args.run, args.hub, args.revision, spec)  # local dirs in pico's layout
+        # every run as a local folder in pico's layout (a pico-train run converted, a Hub run downloaded)
+        read, write = analysis_runs(spec, runs=args.run, hub_repos=args.hub, revision=args.revision)
         rows = analyze(read, spec)
         written = save(rows, write, spec, plot=args.plot)
     except ValueError as e:

@@ -1,10 +1,16 @@
 """Config loading: YAML + typed overrides, strict errors naming the key."""
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
 from pico.checkpoint import CheckpointError, check_model_config, saved_model_config
 from pico.config import Config, ConfigError, load_config, load_model_config, save_config
+from pico.hub import HubConfig, load_hub_config
 
 
 def write(tmp_path, text):
@@ -117,7 +123,7 @@ def test_in_situ_metrics_are_checked_at_load_time(metrics, message):
 def test_analysis_specs_share_the_loader(tmp_path):
     from pico.analysis import SpecError, load_spec
 
-    assert issubclass(SpecError, ConfigError)
+    assert issubclass(SpecError, ConfigError) and SpecError.kind == "spec error"
     path = tmp_path / "spec.yaml"
     path.write_text("- per\n")
     with pytest.raises(ConfigError, match="expected a mapping of keys at the top level"):
@@ -146,3 +152,54 @@ def test_a_forks_run_config_names_its_model_for_resume(tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  d_model: many\n")
     with pytest.raises(CheckpointError, match=r"config.yaml: cannot read the model config \(model.d_model"):
         saved_model_config(step)
+
+
+def pico_imports(path) -> set[str]:
+    """Every pico module a source file imports, at any depth (function-local imports included)."""
+    tree = ast.parse(Path(path).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return {n for n in names if n.split(".")[0] == "pico"}
+
+
+def test_the_loader_is_a_leaf_and_the_hub_never_imports_the_run_config():
+    """config_loader imports only pico.errors; pico.hub reads its section through it, never pico.config
+    (which imports pico.hub.config), so that no import cycle hides in a function body."""
+    root = Path(__file__).resolve().parents[1] / "pico"
+    assert pico_imports(root / "config_loader.py") == {"pico.errors"}
+    for path in (root / "hub").glob("*.py"):
+        assert "pico.config" not in pico_imports(path), path
+    code = "import sys, pico.config_loader; print(sorted(m for m in sys.modules if m.startswith('pico')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pico', 'pico.config_loader', 'pico.errors']"
+
+
+def test_hub_section_is_read_alone(tmp_path):
+    """`load_hub_config` reads checkpointing.hub of any run's config.yaml, a fork's own sections included."""
+    cfg = load_config(None, ["checkpointing.hub={repo_id: me/runs, branch: b1}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    tree["relora"] = {"rank": 8}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert load_hub_config(tmp_path / "config.yaml") == HubConfig("me/runs", "b1", True, True)
+    (tmp_path / "config.yaml").write_text("checkpointing: {hub: {repo_id: 'a b'}}\n")
+    with pytest.raises(ConfigError, match="^checkpointing.hub.repo_id: "):
+        load_hub_config(tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text("checkpointing: {hub: [me/runs]}\n")
+    with pytest.raises(ConfigError, match=r"^checkpointing.hub: expected a mapping, got \['me/runs'\]"):
+        load_hub_config(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checkpointing.hub.repo_id=a b"], "checkpointing.hub.repo_id: "),
+        (["checkpointing.hub.branch=a..b"], "checkpointing.hub.branch: 'a..b' is not a legal branch name"),
+        (["checkpointing.resume=hf://a b@main"], "checkpointing.resume: "),
+        (["checkpointing.resume=hub"], "checkpointing.resume: 'hub' needs checkpointing.hub.repo_id"),
+        (["training.betas=[0.9"], r"training.betas=\[0.9: the value is not YAML"),
+    ],
+)
+def test_hub_keys_and_override_values_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        load_config(None, overrides)

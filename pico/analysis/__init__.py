@@ -6,13 +6,16 @@
                                                 #   tensorboard/, plots/}
     run = open_run("runs/tiny")                 # one run's tensors and evaluations, for notebooks
 
-Reads the run directory through pico.run_dir (docs/checkpoints.md). Every
+Reads the run directory through pico.run_dir (docs/checkpoints.md); pico.analysis.sources also reads
+pico-train runs and runs on the Hub (recipes/analyze.py --run, --hub). Every
 checkpoint is opened once and read lazily: only the tensors a metric asks for, each at most once, straight
 onto the compute device. The spec keys and output format are documented in docs/analysis.md.
 """
 
 from pico.analysis.checkpoints import Checkpoint
-from pico.analysis.compute import analyze, compute_device, run_names
+from pico.analysis.compute import analyze, run_names
+from pico.analysis.device import compute_device
+from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import EvalRow, eval_rows, read_evals, select_evals
 from pico.analysis.in_situ import in_situ_scalars
 from pico.analysis.output import (
@@ -41,6 +44,7 @@ from pico.analysis.spec import (
 from pico.analysis.table import Row, Rows
 
 __all__ = [
+    "AnalysisError",
     "AnalysisSpec",
     "COLUMNS",
     "COMPARE",

@@ -1,34 +1,29 @@
 """The analysis pass: every metric of a spec over the checkpoints of each run, as rows of the tidy table."""
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pico.analysis.checkpoints import Checkpoint
+from pico.analysis.device import compute_device
+from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import eval_rows, select_evals
-from pico.analysis.spec import (
-    DEFAULT_SPEC,
-    DTYPES,
-    AnalysisSpec,
-    ComponentSpec,
-    MetricSpec,
-    SpecError,
-    parse_spec,
-)
+from pico.analysis.spec import DEFAULT_SPEC, AnalysisSpec, ComponentSpec, MetricSpec, SpecError, parse_spec
 from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
 from pico.metrics import Metric, get_metric
-from pico.run_dir import list_steps, module_matches
+from pico.run_dir import list_steps, module_matches, run_name
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 SVD_NORMS = ("nuc", "spectral")  # the norm kinds computed from singular values
 
 
 @dataclass(frozen=True)
-class _Task:
-    """A metric entry resolved against the spec's defaults."""
+class _ResolvedMetric:
+    """One metric entry of a spec, the spec's defaults filled in: what it measures, where, against what."""
 
     spec: MetricSpec
     data_types: tuple[str, ...]
@@ -38,8 +33,9 @@ class _Task:
     target_step: int | str
 
 
-def _tasks(spec: AnalysisSpec) -> list[_Task]:
-    tasks = []
+def _resolve_metrics(spec: AnalysisSpec) -> list[_ResolvedMetric]:
+    """The spec's metric entries, its defaults filled in; a SpecError for an entry that measures nothing."""
+    resolved = []
     for i, m in enumerate(spec.metrics):
         metric = get_metric(m.name)
         data_types = m.data_types or tuple(d for d in spec.data_types if d in metric.data_types)
@@ -61,8 +57,8 @@ def _tasks(spec: AnalysisSpec) -> list[_Task]:
                     f"metrics[{i}]: {m.name} compares steps, which needs the eval split; "
                     "give it splits: [eval]"
                 )
-        tasks.append(
-            _Task(
+        resolved.append(
+            _ResolvedMetric(
                 m,
                 data_types,
                 splits,
@@ -71,7 +67,7 @@ def _tasks(spec: AnalysisSpec) -> list[_Task]:
                 m.target_step if m.target_step is not None else spec.target_step,
             )
         )
-    return tasks
+    return resolved
 
 
 def _suffix(module: str) -> str:
@@ -100,26 +96,44 @@ def _selections(ckpt: Checkpoint, comp: ComponentSpec, data_type: str, split: st
             key=lambda p: -1 if p[0] is None else p[0],
         )
     if not pairs:
-        raise ValueError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
+        raise AnalysisError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
     if comp.layers is None:
         return pairs
     missing = set(comp.layers) - {layer for layer, _ in pairs}
     if missing:
-        raise ValueError(
+        raise AnalysisError(
             f"{ckpt.dir}: component {comp.name!r} has no layer {min(missing)} "
             f"(captured layers: {[layer for layer, _ in pairs]})"
         )
     return [p for p in pairs if p[0] in comp.layers]
 
 
+def _measured(ckpt: Checkpoint, entry: _ResolvedMetric, ref: Checkpoint | None) -> Iterator[tuple]:
+    """(data_type, split, component, layer, module) of every tensor that `entry` measures at `ckpt`;
+    module None for a compound component. Comparing with `ref` needs the same samples in both."""
+    for data_type in entry.data_types:
+        for split in (None,) if data_type == "weights" else entry.splits:
+            if ref is not None and split is not None:
+                ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
+                if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
+                    raise AnalysisError(
+                        f"{entry.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
+                        "so their activations describe different samples"
+                    )
+            components = entry.components or [  # every captured module (opens the split's file)
+                ComponentSpec(s) for s in dict.fromkeys(_suffix(m) for m in ckpt.modules(data_type, split))
+            ]
+            for comp in components:
+                compound = COMPONENTS.get(comp.name)
+                if compound is not None and data_type not in compound.data_types:
+                    continue
+                for layer, module in _selections(ckpt, comp, data_type, split):
+                    yield data_type, split, comp.name, layer, module
+
+
 def _uses_sv(metric: Metric, params: dict) -> bool:
     """Whether the metric with these parameters computes singular values (norm does for nuc and spectral)."""
     return metric.takes_sv and (metric.name != "norm" or params.get("kind", "fro") in SVD_NORMS)
-
-
-def _measure(metric: Metric, kwargs: dict, x: torch.Tensor, ref: torch.Tensor | None, sv) -> float:
-    kwargs = kwargs if sv is None else dict(kwargs, sv=sv)
-    return float(metric.fn(x, **kwargs) if ref is None else metric.fn(x, ref, **kwargs))
 
 
 def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, split) -> torch.Tensor:
@@ -129,82 +143,45 @@ def _tensor(ckpt: Checkpoint, component: str, layer, module, data_type: str, spl
     return ckpt.load(data_type, module, split)
 
 
-def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, label: str) -> list[Row]:
+def _measure(metric: Metric, params: dict, x: torch.Tensor, ref: torch.Tensor | None, sv, where) -> float:
+    """The metric of `x` (against `ref` for a comparative one); its bad-input error names `where`."""
+    kwargs = params if sv is None else dict(params, sv=sv)
+    try:
+        return float(metric.fn(x, **kwargs) if ref is None else metric.fn(x, ref, **kwargs))
+    except ValueError as e:  # a metric's one documented error for tensors it cannot measure (docs/metrics.md)
+        raise AnalysisError(f"{where}: {e}") from None
+
+
+def _metric_rows(run: str, ckpt: Checkpoint, entry: _ResolvedMetric, ref: Checkpoint | None, label: str):
     """All rows of one metric entry at one checkpoint (compared against `ref` for comparative metrics)."""
-    metric, params, rows = get_metric(task.spec.name), dict(task.spec.params), []
-    shares_sv = ref is None and _uses_sv(metric, params)
+    metric, params, rows = get_metric(entry.spec.name), dict(entry.spec.params), []
     if "dtype" in metric.__signature__.parameters:
         params["dtype"] = ckpt.dtype
-    for data_type in task.data_types:
-        for split in (None,) if data_type == "weights" else task.splits:
-            if ref is not None and split is not None:
-                ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
-                if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
-                    raise ValueError(
-                        f"{task.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
-                        "so their activations describe different samples"
-                    )
-            components = task.components or [
-                ComponentSpec(s) for s in dict.fromkeys(_suffix(m) for m in ckpt.modules(data_type, split))
-            ]
-            for comp in components:
-                compound = COMPONENTS.get(comp.name)
-                if compound is not None and data_type not in compound.data_types:
-                    continue
-                for layer, module in _selections(ckpt, comp, data_type, split):
-                    x = _tensor(ckpt, comp.name, layer, module, data_type, split)
-                    y = None if ref is None else _tensor(ref, comp.name, layer, module, data_type, split)
-                    heads = range(x.shape[0]) if compound and compound.per_head else [None]
-                    for head in heads:
-                        try:
-                            key = (data_type, split, comp.name, layer, module, head)
-                            value = _measure(
-                                metric,
-                                params,
-                                x if head is None else x[head],
-                                None if y is None else (y if head is None else y[head]),
-                                ckpt.singular_values(key, x if head is None else x[head])
-                                if shares_sv
-                                else None,
-                            )
-                        except ValueError as e:
-                            where = " ".join(
-                                str(p)
-                                for p in (ckpt.dir, split, data_type, module or comp.name)
-                                if p is not None
-                            )
-                            raise ValueError(f"{where}: {e}") from None
-                        rows.append(
-                            Row(run, ckpt.step, split, data_type, comp.name, layer, head, label, value)
-                        )
+    shares_sv = ref is None and _uses_sv(metric, params)
+    for data_type, split, component, layer, module in _measured(ckpt, entry, ref):
+        x = _tensor(ckpt, component, layer, module, data_type, split)
+        y = None if ref is None else _tensor(ref, component, layer, module, data_type, split)
+        per_head = component in COMPONENTS and COMPONENTS[component].per_head
+        where = " ".join(str(p) for p in (ckpt.dir, split, data_type, module or component) if p is not None)
+        for head in range(x.shape[0]) if per_head else [None]:
+            xh = x if head is None else x[head]
+            yh = y if head is None or y is None else y[head]
+            key = (data_type, split, component, layer, module, head)
+            sv = ckpt.singular_values(key, xh) if shares_sv else None
+            value = _measure(metric, params, xh, yh, sv, where)
+            rows.append(Row(run, ckpt.step, split, data_type, component, layer, head, label, value))
     return rows
 
 
 def run_names(runs) -> list[str]:
-    """Run names for the table: each run directory's folder name (they must differ)."""
-    names = [Path(r).resolve().name for r in runs]
+    """Run names for the table: each run directory's name (pico.run_dir.run_name; they must differ)."""
+    names = [run_name(r) for r in runs]
     for name in names:
         if names.count(name) > 1:
-            raise ValueError(f"two runs are both named {name!r}; the run column needs distinct folder names")
+            raise AnalysisError(
+                f"two runs are both named {name!r}; the run column needs distinct folder names"
+            )
     return names
-
-
-def compute_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """The torch device and dtype of the spec keys `device` and `dtype` (auto: a GPU in float32 when
-    torch sees one, else the CPU in float64)."""
-    name = device
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: {name} asked for, but torch sees no CUDA GPU")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if dtype not in DTYPES:
-        raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {dtype!r}")
-    return device, DTYPES[dtype] or (torch.float64 if device.type == "cpu" else torch.float32)
 
 
 def _selected_steps(runs: list[Path], spec: AnalysisSpec) -> tuple[dict, dict]:
@@ -214,20 +191,22 @@ def _selected_steps(runs: list[Path], spec: AnalysisSpec) -> tuple[dict, dict]:
     for run in runs:
         missing = [] if spec.steps == "all" else sorted(set(spec.steps) - set(available[run]))
         if missing:
-            raise ValueError(f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})")
+            raise AnalysisError(
+                f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})"
+            )
         selected[run] = available[run] if spec.steps == "all" else list(spec.steps)
     return available, selected
 
 
-def _target_steps(tasks: list[_Task], runs: list[Path], available: dict) -> dict:
+def _target_steps(entries: list[_ResolvedMetric], runs: list[Path], available: dict) -> dict:
     """The step each comparative `compare: steps` entry compares against, per (entry index, run)."""
     targets = {}
-    for i, task in enumerate(tasks):
-        if get_metric(task.spec.name).comparative and task.compare == "steps":
+    for i, entry in enumerate(entries):
+        if get_metric(entry.spec.name).comparative and entry.compare == "steps":
             for run in runs:
-                target = available[run][-1] if task.target_step == "last" else task.target_step
+                target = available[run][-1] if entry.target_step == "last" else entry.target_step
                 if target not in available[run]:
-                    raise ValueError(
+                    raise AnalysisError(
                         f"{run}: target_step {target} has no learning_dynamics (steps: {available[run]})"
                     )
                 targets[i, run] = target
@@ -242,14 +221,14 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     spec = spec if isinstance(spec, AnalysisSpec) else parse_spec(DEFAULT_SPEC if spec is None else spec)
     runs = [Path(r) for r in runs]
     if not runs:
-        raise ValueError("analyze: no run directories given")
+        raise AnalysisError("analyze: no run directories given")
     names = dict(zip(runs, run_names(runs)))
     device, dtype = compute_device(spec.device, spec.dtype)
-    tasks = _tasks(spec)
-    if any(t.compare == "runs" and get_metric(t.spec.name).comparative for t in tasks) and len(runs) < 2:
+    entries = _resolve_metrics(spec)
+    if any(e.compare == "runs" and get_metric(e.spec.name).comparative for e in entries) and len(runs) < 2:
         raise SpecError("compare: 'runs' compares each run with the first, so it needs at least two --run")
     available, selected = _selected_steps(runs, spec)
-    targets = _target_steps(tasks, runs, available)
+    targets = _target_steps(entries, runs, available)
     pinned = {(run, step): Checkpoint(run, step, device, dtype) for (_, run), step in targets.items()}  # kept
 
     def checkpoint(run, step):
@@ -263,16 +242,16 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
         for step in steps:
             ckpts = {run: checkpoint(run, step) for run in runs if step in selected[run]}
             for run, ckpt in ckpts.items():
-                for i, task in enumerate(tasks):
-                    ref, label = None, task.spec.label
+                for i, entry in enumerate(entries):
+                    ref, label = None, entry.spec.label
                     if (i, run) in targets:
                         ref = pinned[run, targets[i, run]]
                         label = f"{label}@step_{ref.step}"
-                    elif get_metric(task.spec.name).comparative:
+                    elif get_metric(entry.spec.name).comparative:
                         if run == runs[0] or runs[0] not in ckpts:
                             continue
                         ref, label = ckpts[runs[0]], f"{label}@{names[runs[0]]}"
-                    rows.extend(_task_rows(names[run], ckpt, task, ref, label))
+                    rows.extend(_metric_rows(names[run], ckpt, entry, ref, label))
                 bar.update()
     for run in runs if spec.evals else ():
         for e in select_evals(eval_rows(run), spec.evals, run):

@@ -3,8 +3,9 @@ training."""
 
 import torch
 
+from pico.config_loader import ConfigError
 from pico.learning_dynamics import SplitDynamics
-from pico.metrics import get_metric
+from pico.metrics import METRICS
 
 
 def in_situ_scalars(
@@ -13,16 +14,18 @@ def in_situ_scalars(
     """Each single-input metric on each captured tensor of the data types it suits (its
     `register_metric(data_types=...)`), tagged `dynamics/<metric>/<split>/<data_type>/<module>`.
 
-    Weights are tagged under the train split. Comparative or unknown metrics raise a one-line ValueError.
+    Weights are tagged under the train split. Comparative or unknown metrics raise a ConfigError (load_config
+    has refused them already).
     """
-    chosen = [get_metric(name) for name in metrics]
-    for metric in chosen:
-        if metric.comparative:
-            raise ValueError(
-                f"learning_dynamics.metrics: {metric.name!r} compares two tensors; in-situ metrics "
-                "take one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints "
-                "with pico.analysis"
+    for name in metrics:
+        if name not in METRICS:
+            known = ", ".join(sorted(METRICS))
+            raise ConfigError(f"learning_dynamics.metrics: unknown metric {name!r}; registered: {known}")
+        if METRICS[name].comparative:
+            raise ConfigError(
+                f"learning_dynamics.metrics: {name!r} compares two tensors; in-situ metrics take one"
             )
+    chosen = [METRICS[name] for name in metrics]
     tensors = {(split, "activations"): d.activations for split, d in dynamics.items()}
     tensors.update({(split, "gradients"): d.gradients for split, d in dynamics.items()})
     tensors["train", "weights"] = weights or {}

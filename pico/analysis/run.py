@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from pico.analysis.checkpoints import Checkpoint
-from pico.analysis.compute import compute_device
+from pico.analysis.device import compute_device
+from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import eval_rows
 from pico.analysis.table import Rows
-from pico.components import get_component
-from pico.run_dir import DATA_TYPES, SPLITS, list_steps
+from pico.components import COMPONENTS
+from pico.run_dir import DATA_TYPES, SPLITS, list_steps, run_name
 
 
 class Run:
@@ -26,7 +27,7 @@ class Run:
 
     def __init__(self, path, device: str = "auto", dtype: str = "auto"):
         self.path = Path(path)
-        self.name = self.path.resolve().name
+        self.name = run_name(self.path)
         self.device, self.dtype = compute_device(device, dtype)
         self.steps = list_steps(self.path)  # steps with learning dynamics, ascending
         self._checkpoint = None  # the last step read: its tensors stay loaded until another step is read
@@ -37,18 +38,18 @@ class Run:
     def checkpoint(self, step: int) -> Checkpoint:
         """The Checkpoint of `step`; the one last read is kept, so reading many modules of a step is cheap."""
         if step not in self.steps:
-            raise ValueError(f"{self.path}: no step {step} with learning_dynamics (steps: {self.steps})")
+            raise AnalysisError(f"{self.path}: no step {step} with learning_dynamics (steps: {self.steps})")
         if self._checkpoint is None or self._checkpoint.step != step:
             self._checkpoint = Checkpoint(self.path, step, self.device, self.dtype)
         return self._checkpoint
 
     def _split(self, data_type: str, split: str | None) -> str | None:
         if data_type not in DATA_TYPES:
-            raise ValueError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
+            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
         if data_type == "weights":
             return None
         if split not in SPLITS:
-            raise ValueError(f"{data_type} need split= one of {list(SPLITS)}, got {split!r}")
+            raise AnalysisError(f"{data_type} need split= one of {list(SPLITS)}, got {split!r}")
         return split
 
     def modules(self, data_type: str, split: str | None = None, step: int | None = None) -> list[str]:
@@ -66,10 +67,12 @@ class Run:
         self, name: str, layer: int, data_type: str, step: int, split: str | None = None
     ) -> torch.Tensor:
         """Compound component `name` (pico.components, e.g. `ov_circuit`) of `layer` at `step`."""
-        component, split = get_component(name), self._split(data_type, split)
+        if name not in COMPONENTS:
+            raise AnalysisError(f"unknown component {name!r}; registered: {', '.join(sorted(COMPONENTS))}")
+        component, split = COMPONENTS[name], self._split(data_type, split)
         if data_type not in component.data_types:
             has = ", ".join(component.data_types)
-            raise ValueError(f"component {name!r} has no {data_type} (it has {has})")
+            raise AnalysisError(f"component {name!r} has no {data_type} (it has {has})")
         return self.checkpoint(step).component(name, layer, data_type, split)
 
     def evals(self) -> Rows:

@@ -1,6 +1,6 @@
 """Analysis specs: their keys, DEFAULT_SPEC, and parsing and validation (keys documented in docs/analysis.md).
 
-Specs are read by pico.config's loader (YAML + `key=value` overrides) and fail with its ConfigError.
+Specs are read by pico.config_loader (YAML + `key=value` overrides); a bad one is a SpecError, a ConfigError.
 """
 
 import re
@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pico.config import ConfigError, load_tree
+from pico.config_loader import ConfigError, load_tree
 from pico.learning_dynamics import DTYPES as TORCH_DTYPES
-from pico.metrics import get_metric
+from pico.metrics import METRICS
 from pico.run_dir import DATA_TYPES, SPLITS
 
 COMPARE = ("steps", "runs")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the values of the spec key `device`
 DTYPES = {
     "auto": None,
     "float32": TORCH_DTYPES["float32"],
@@ -56,6 +57,8 @@ _METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare"
 
 class SpecError(ConfigError):
     """An analysis spec (YAML or overrides) with an unknown key or an impossible value."""
+
+    kind = "spec error"
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,10 @@ def _metric(entry, i: int) -> MetricSpec:
         entry = {"name": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise SpecError(f"{where}: expected a metric name or a mapping with 'name', got {entry!r}")
-    try:
-        metric = get_metric(entry["name"])
-    except ValueError as e:
-        raise SpecError(f"{where}.name: {e}") from None
+    if entry["name"] not in METRICS:
+        known = ", ".join(sorted(METRICS))
+        raise SpecError(f"{where}.name: unknown metric {entry['name']!r}; registered: {known}")
+    metric = METRICS[entry["name"]]
     _unknown(entry, _METRIC_KEYS + metric.params, f"{where}.")
     params = {k: v for k, v in entry.items() if k in metric.params}
     label = entry.get("label", _label(metric.name, params))
@@ -209,6 +212,14 @@ def _evals(value) -> tuple[str, ...]:
     return tuple(items)
 
 
+def check_device(device, dtype) -> None:
+    """Raise SpecError unless `device` and `dtype` are values of the spec keys of those names."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {dtype!r}")
+
+
 def parse_spec(raw: dict) -> AnalysisSpec:
     """Validate a spec mapping (as read from YAML); a SpecError names the first bad key."""
     if not isinstance(raw, dict):
@@ -227,17 +238,14 @@ def parse_spec(raw: dict) -> AnalysisSpec:
     steps = raw.get("steps", "all")
     if steps != "all":
         steps = tuple(sorted(set(_ints(steps, "steps"))))
-    device = raw.get("device", "auto")
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise SpecError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-    if raw.get("dtype", "auto") not in DTYPES:
-        raise SpecError(f"dtype: must be one of {list(DTYPES)}, got {raw['dtype']!r}")
+    device, dtype = raw.get("device", "auto"), raw.get("dtype", "auto")
+    check_device(device, dtype)
     return AnalysisSpec(
         metrics=metrics,
         name=name,
         steps=steps,
         device=device,
-        dtype=raw.get("dtype", "auto"),
+        dtype=dtype,
         splits=_names(raw["splits"], "splits", SPLITS) if "splits" in raw else SPLITS,
         data_types=_names(raw["data_types"], "data_types", DATA_TYPES) if "data_types" in raw else DATA_TYPES,
         components=_components(raw["components"], "components") if "components" in raw else None,

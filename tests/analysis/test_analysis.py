@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pico.analysis import (
     COLUMNS,
     DEFAULT_SPEC,
+    AnalysisError,
     Checkpoint,
     SpecError,
     analyze,
@@ -24,6 +25,7 @@ from pico.analysis import (
     scalar_tag,
 )
 from pico.components import ov_circuit
+from pico.errors import exit_on
 from pico.metrics import cka, condition_number, norm, per, pwcca
 from pico.run_dir import list_steps
 from tests.analysis.fake_run import make_run
@@ -234,14 +236,26 @@ def test_spec_errors(run):
         parse_spec({"metrics": ["per"], "components": [{"name": "swiglu.w_2", "layer": 1}]})
     with pytest.raises(SpecError, match="train split holds a different batch"):
         analyze([run], {"metrics": [{"name": "cka", "splits": ["train"]}]}, progress=False)
-    with pytest.raises(ValueError, match="no step 7 with learning_dynamics"):
+    with pytest.raises(AnalysisError, match="no step 7 with learning_dynamics"):
         analyze([run], {"metrics": ["per"], "steps": [7]}, progress=False)
-    with pytest.raises(ValueError, match="has no layer 5"):
+    with pytest.raises(AnalysisError, match="has no layer 5"):
         analyze(
             [run], {"metrics": ["per"], "components": [{"name": "swiglu.w_2", "layers": [5]}]}, progress=False
         )
     with pytest.raises(ValueError, match="not a run directory"):
         analyze([run / "checkpoints"], progress=False)
+
+
+def test_bad_spec_and_missing_step_are_one_line_of_their_kind(run, capsys):
+    """Both are PicoErrors: pico.errors.exit_on prints `<kind>: <message>` and exits 2."""
+    for call, line in [
+        (lambda: load_spec(None, ["steps=some"]), "spec error: steps: expected a non-negative integer"),
+        (lambda: analyze([run], {"metrics": ["per"], "steps": [7]}), "analysis error: "),
+    ]:
+        with pytest.raises(SystemExit) as e, exit_on():
+            call()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
 
 
 def test_default_yaml_is_the_default_spec():

@@ -12,7 +12,18 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pico.analysis import COLUMNS, EvalRow, Row, analyze, open_run, parse_spec, read_csv, save
+from pico.analysis import (
+    COLUMNS,
+    AnalysisError,
+    EvalRow,
+    Row,
+    SpecError,
+    analyze,
+    open_run,
+    parse_spec,
+    read_csv,
+    save,
+)
 from pico.components import ov_circuit
 from pico.metrics import condition_number, norm, per
 from tests.analysis.fake_run import make_run
@@ -54,22 +65,22 @@ def test_open_run_reads_tensors_and_components(run):
 def test_open_run_errors_name_the_culprit(run, tmp_path):
     r = open_run(run)
     with pytest.raises(
-        ValueError, match=r"evalrun: no step 7 with learning_dynamics \(steps: \[0, 10, 20\]\)"
+        AnalysisError, match=r"evalrun: no step 7 with learning_dynamics \(steps: \[0, 10, 20\]\)"
     ):
         r.tensor("weights", "layers.0.swiglu.w_2", step=7)
-    with pytest.raises(ValueError, match=r"^gradients need split= one of \['train', 'eval'\], got None"):
+    with pytest.raises(AnalysisError, match=r"^gradients need split= one of \['train', 'eval'\], got None"):
         r.tensor("gradients", "layers.0.swiglu.w_2", step=0)
-    with pytest.raises(ValueError, match="^data_type: unknown 'grads'"):
+    with pytest.raises(AnalysisError, match="^data_type: unknown 'grads'"):
         r.tensor("grads", "layers.0.swiglu.w_2", step=0, split="eval")
     with pytest.raises(
-        ValueError, match=r"step_0/learning_dynamics/eval.safetensors: no tensor 'gradients.layers.9"
+        AnalysisError, match=r"step_0/learning_dynamics/eval.safetensors: no tensor 'gradients.layers.9"
     ):
         r.tensor("gradients", "layers.9.swiglu.w_2", step=0, split="eval")
-    with pytest.raises(ValueError, match="unknown component 'qk_circuit'"):
+    with pytest.raises(AnalysisError, match="^unknown component 'qk_circuit'"):
         r.component("qk_circuit", layer=0, data_type="weights", step=0)
     with pytest.raises(ValueError, match="not a run directory"):
         open_run(tmp_path)
-    with pytest.raises(ValueError, match="^device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+    with pytest.raises(SpecError, match="^device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
         open_run(run, device="gpu")
 
     broken = make_run(tmp_path / "broken", steps=(0,))
@@ -107,10 +118,10 @@ def test_bad_eval_json_names_the_file(tmp_path):
     bad = make_run(tmp_path / "bad", steps=(0, 10), evals=True)
     path = bad / "checkpoints" / "step_10" / "eval.json"
     path.write_text('{"step": 10, "paloma": {"loss": 4.')
-    with pytest.raises(ValueError, match=f"^{path}: not a readable eval.json"):
+    with pytest.raises(AnalysisError, match=f"^{path}: not a readable eval.json"):
         open_run(bad).evals()
     path.write_text(json.dumps({"step": 10, "blimp": {"acc": 0.5, "subsets": [1, 2]}}))
-    with pytest.raises(ValueError, match=f"^{path}: blimp.subsets is not an object of subsets"):
+    with pytest.raises(AnalysisError, match=f"^{path}: blimp.subsets is not an object of subsets"):
         open_run(bad).evals()
 
 

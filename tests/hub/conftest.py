@@ -2,14 +2,14 @@
 
 import pytest
 
-import pico.hub
+import pico.hub.api
 from tests.hub.standin import LocalHub
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A fresh stand-in that every pico.hub call of this test goes to."""
+    """A fresh stand-in that every Hub call of this test goes to."""
     standin = LocalHub(tmp_path / "standin")
     standin.set_faults()
-    monkeypatch.setattr(pico.hub, "connect", lambda: standin)
+    monkeypatch.setattr(pico.hub.api, "connect", lambda: standin)
     return standin

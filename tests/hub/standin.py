@@ -6,7 +6,7 @@ Faults are set in `<root>/faults.json`, read at every call, so that they reach a
 `offline` (every call raises HubUnavailable), `forbidden` (repo ids whose calls raise HubError),
 `fail` ({call: n}: the next n such calls raise HubUnavailable), `kill_after_commit` (a step: SIGKILL the
 process once that step's commit has landed, before the call returns). Every call is appended to
-`<root>/calls.jsonl`, downloads with the files they returned.
+`<root>/calls.jsonl` with its wall-clock time, downloads with the files they returned.
 """
 
 import hashlib
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class LocalHub:
 
     def _log(self, call: str, **info) -> None:
         with open(self.root / "calls.jsonl", "a") as f:
-            f.write(json.dumps({"call": call, **info}) + "\n")
+            f.write(json.dumps({"call": call, "time": time.time(), **info}) + "\n")
 
     def _enter(self, call: str, repo_id: str, **info) -> None:
         self._log(call, repo=repo_id, **info)

@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from pico.hub import Uploader, fetch_run, resume_source
+from pico.analysis.sources import fetch_run
+from pico.hub import Uploader, resume_source
 from tests.hub.test_upload import make_steps
 
 REPO = os.environ.get("PICO_HUB_TEST_REPO")

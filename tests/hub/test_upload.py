@@ -1,10 +1,12 @@
 """The uploader and the journal on hand-made step directories, against the local stand-in (no training)."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
-import pico.hub
+import pico.hub.cli
 from pico.hub import HubError, Uploader, read_journal, ref_name, resume_source, step_tag
 from pico.run_dir import step_dir
 
@@ -95,14 +97,14 @@ def test_offline_keeps_steps_pending_then_cli_uploads(tmp_path, hub, capsys):
     assert read_journal(run, f"{REPO}@run") == {}
     hub.set_faults()
     with pytest.raises(SystemExit) as e:
-        pico.hub.main(["upload", str(run), "--repo-id", REPO])
+        pico.hub.cli.main(["upload", str(run), "--repo-id", REPO])
     assert e.value.code == 0
     assert titles(hub, "run") == ["initial commit", "step 0", "step 2"]
 
 
 def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
     with pytest.raises(SystemExit) as e:
-        pico.hub.main(["upload", str(tmp_path)])
+        pico.hub.cli.main(["upload", str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hub error:") and "--repo-id" in err and "\n" not in err
@@ -115,7 +117,7 @@ def test_resume_source_downloads_only_state_and_config(tmp_path, hub):
     assert (tmp_path / "standin" / "cache").exists()
     (download,) = hub.calls("downloaded")
     assert download["files"] == ["config.yaml", "state/.metadata", "state/__0_0.distcp"]
-    assert (pico.hub.Path(folder) / "state" / ".metadata").read_text() == "meta 0"
+    assert (Path(folder) / "state" / ".metadata").read_text() == "meta 0"
     assert resume_source("auto", None, run) == "auto"
 
 
@@ -134,3 +136,41 @@ def test_ref_names():
     assert ref_name("my run: 1") == "my-run-1"
     assert ref_name("a..b/") == "a.b"
     assert step_tag("pico-decoder-tiny-1", 1000) == "pico-decoder-tiny-1/step_1000"
+
+
+def test_backoff_holds_while_steps_are_published(tmp_path, hub):
+    """With the real backoff (1 s, doubling), steps published while the Hub is down do not cut the waits
+    short: the attempts stay 1 s, then 2 s apart, a handful of calls in 3.5 s; finish() ends a wait."""
+    run = make_steps(tmp_path / "run", steps=(0,))
+    hub.set_faults(offline=True)  # every attempt is one call (create_repo), which fails
+    up = Uploader(run, REPO, backoff=1.0, echo=lambda line: None).start()
+    start = time.time()
+    for step in (2, 4, 6):
+        time.sleep(1.0)
+        make_steps(run, steps=(step,))
+        up.enqueue(step)
+    time.sleep(start + 3.5 - time.time())
+    attempts = [c["time"] for c in hub.calls()]
+    assert 3 <= len(attempts) <= 5, f"{len(attempts)} calls in 3.5 s"  # start() + the worker at 0, 1, (3) s
+    gaps = [b - a for a, b in zip(attempts[1:], attempts[2:])]
+    assert gaps[0] >= 0.95 and all(g >= 1.95 for g in gaps[1:]), gaps
+    hub.set_faults()  # the network is back; the worker sleeps until about 7 s
+    finish = time.time()
+    assert up.finish(timeout=30) == []
+    assert time.time() - finish < 3  # finish() woke it
+    assert titles(hub, "run") == ["initial commit", "step 0", "step 2", "step 4", "step 6"]
+    assert len(hub.calls("create_commit")) == 4
+
+
+def test_cli_reads_only_the_hub_section_of_a_forks_config(tmp_path, hub, capsys):
+    run = make_steps(tmp_path / "fork-run")
+    (run / "config.yaml").write_text(f"checkpointing: {{hub: {{repo_id: {REPO}}}}}\nrelora: {{rank: 8}}\n")
+    with pytest.raises(SystemExit) as e:
+        pico.hub.cli.main(["upload", str(run)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert titles(hub, "fork-run") == ["initial commit", "step 0", "step 2"]
+    (run / "config.yaml").write_text("checkpointing: {hub: {repo_id: me/x, token: abc}}\n")
+    with pytest.raises(SystemExit) as e:
+        pico.hub.cli.main(["upload", str(run)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("config error: checkpointing.hub.token: unknown key")
