@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,19 +25,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import pico.run_dir
+import pico.run_dir  # publish_step through the module: tests/recipes/kill_at.py replaces it to kill there
+from pico.capture import module_name
 from pico.config import load_model_config
 from pico.distributed import barrier, is_main, new_gloo_group, unwrap
 from pico.errors import PicoError
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
+from pico.model.hf import export_state, pico_config_from_llama, save_pretrained
 from pico.run_dir import (
     CONFIG,
     EVAL,
     MODEL,
     STATE,
+    RunDirError,
     checkpoints_dir,
     list_steps,
+    model_config_file,
     new_step_dir,
     step_dir,
     step_name,
@@ -53,6 +58,12 @@ class CheckpointStep:
     dynamics: dict[str, SplitDynamics] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] | None = None
     evals: dict | None = None
+
+
+class CheckpointError(PicoError, ValueError):
+    """A checkpoint that cannot be written or resumed from; the message names the step, file or rank."""
+
+    kind = "run error"
 
 
 class CheckpointWriter:
@@ -118,7 +129,7 @@ class CheckpointWriter:
         """The background part: every file of `tmp`, then (rank 0) fsync, rename and `latest`."""
         start = time.perf_counter()
         if weights is not None and is_main():
-            save_model(tmp / MODEL, weights, config, self.tokenizer)
+            save_pretrained(weights, config, tmp / MODEL, tokenizer=self.tokenizer)
         if ckpt.dynamics or ckpt.weights:
             write_learning_dynamics(
                 tmp, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=self.positions, dtype=self.dtype
@@ -133,6 +144,19 @@ class CheckpointWriter:
         return ckpt.step, time.perf_counter() - start
 
 
+def _dcp_cause(e: BaseException) -> tuple[int | None, BaseException]:
+    """(rank, error) of the first failing rank of DCP's CheckpointException; (None, e) for another error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return min(e.failures), e.failures[min(e.failures)][0]
+    return None, e
+
+
+def _one_line(e: BaseException) -> str:
+    """`<type>: <first line of the message>` of an error."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def train_state(step: int, scheduler, stream) -> dict:
     """What resuming needs besides model and optimizer: the step, LR schedule, data position and RNG."""
     return {
@@ -141,12 +165,6 @@ def train_state(step: int, scheduler, stream) -> dict:
         "data": stream.state_dict(),
         "rng": rng_state(),
     }
-
-
-class CheckpointError(PicoError, ValueError):
-    """A checkpoint that cannot be resumed from; the message names the step directory and file."""
-
-    kind = "run error"
 
 
 def load_checkpoint(
@@ -197,7 +215,7 @@ def earlier_complete_step(run_dir, before: int | None = None) -> str:
     `step_3 is complete (checkpointing.resume=<its path>)`, or that there is none."""
     try:
         steps = [n for n in list_steps(run_dir, require=STATE) if before is None or n < before]
-    except ValueError:  # no checkpoints at all
+    except RunDirError:  # no checkpoints at all
         steps = []
     for step in reversed(steps):
         try:
@@ -212,19 +230,19 @@ def saved_model_config(path: Path) -> tuple[PicoDecoderConfig, Path]:
     """The model config step dir `path` was trained with, and the file it comes from: `model/config.json`,
     or the run's `config.yaml` when the step has no `model/` (a fork the Llama layout cannot express) —
     beside `state/` in a step downloaded from the Hub (docs/hub.md), else at the run's root."""
-    from pico.model.hf import pico_config_from_llama
-
-    exported = path / MODEL / "config.json"
+    exported = model_config_file(path)
     run_config = path / CONFIG if (path / CONFIG).is_file() else path.parent.parent / CONFIG
     try:
         if exported.is_file():
             return pico_config_from_llama(json.loads(exported.read_text()), str(exported)), exported
         if run_config.is_file():
             return load_model_config(run_config), run_config
-    except (ValueError, KeyError) as e:  # ConfigError and json errors are ValueErrors
+    except ValueError as e:  # ConfigError, ModelError and json errors are ValueErrors
         source = exported if exported.is_file() else run_config
         raise CheckpointError(f"{source}: cannot read the model config ({e})") from None
-    raise CheckpointError(f"{path}: no {MODEL}/config.json and no {run_config} to check the model against")
+    raise CheckpointError(
+        f"{path}: no {exported.relative_to(path)} and no {run_config} to check the model against"
+    )
 
 
 def check_model_config(path: Path, config: PicoDecoderConfig) -> None:
@@ -248,6 +266,7 @@ def load_train_state(
     """Load a `state/` dir (`CheckpointWriter`) into `model`/`optimizer` (any world size); return `extra`.
 
     `extra` is a template with the same keys as at save time (e.g. the freshly built objects' state dicts).
+    A state that does not fit them (other shapes, damaged bytes) is a CheckpointError naming the file.
     """
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {"model": get_model_state_dict(model), "extra": extra}
@@ -255,9 +274,8 @@ def load_train_state(
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps every rank's failure (bad bytes, wrong shapes) in its own exception
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path}: cannot be loaded: {first.strip()}") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
+        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(_dcp_cause(e)[1])}") from None
     set_model_state_dict(model, state["model"])
     if "optim" in state:
         set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -279,44 +297,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None) -> None:
-    """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there.
-
-    A model with modules the Llama layout cannot express is refused (ValueError naming the module); a module
-    with an `effective_weight()` is written as the nn.Linear it computes (docs/model.md).
-    """
-    weights = export_weights(model)
-    if weights is not None:
-        save_model(path, weights, model_config, tokenizer)
-
-
 def export_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full weights on rank 0's CPU, a copy that later updates leave alone (None on other ranks).
+    """The full weights that the HF export holds (`pico.model.hf.export_state`) on rank 0's CPU, a copy
+    that later updates leave alone (None on other ranks); `pico.model.hf.save_pretrained` writes them.
 
-    A collective (FSDP2 gathers parameter by parameter). A model with modules the Llama layout cannot
-    express is refused (ValueError naming the module); a module with an `effective_weight()` is written as
-    the nn.Linear it computes and training-only modules are left out (docs/model.md).
+    A collective (FSDP2 gathers parameter by parameter, and so may `effective_weight()`). A model with
+    modules the Llama layout cannot express is refused (ModelError naming the module).
     """
-    from pico.capture import module_name
-    from pico.model.hf import export_problem, export_state, with_effective_weights
-
-    problem = export_problem(unwrap(model))
-    if problem:
-        raise ValueError(f"HF export: {problem}")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    merged = {module_name(n): m for n, m in unwrap(model).named_modules() if hasattr(m, "effective_weight")}
-    state = with_effective_weights(state, merged)  # e.g. a LoRA linear's W + s·B·A, on every rank
+    state = export_state(unwrap(model), state, module_names=module_name)  # on every rank
     if not is_main():
         return None
-    state = export_state(unwrap(model), state)  # without the training-only modules
     on_cpu = next(unwrap(model).parameters()).device.type == "cpu"  # then `state` holds the live tensors
     return {name: t.clone() for name, t in state.items()} if on_cpu else state
-
-
-def save_model(path: Path, weights: dict[str, torch.Tensor], model_config, tokenizer: Path | None) -> None:
-    """Write `weights` (from `export_weights`) as an HF-loadable `model/` dir, with the tokenizer if given."""
-    from pico.model.hf import save_pretrained, save_tokenizer, special_token_ids
-
-    save_pretrained(weights, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, path, model_config.max_seq_len)

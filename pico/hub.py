@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pico.distributed import is_main
 from pico.errors import PicoError
+from pico.model.hf import CONFIG_FILE
 from pico.run_dir import (
     CONFIG,
     DYNAMICS,
@@ -30,6 +31,7 @@ from pico.run_dir import (
     STATE,
     checkpoints_dir,
     list_steps,
+    model_config_file,
     step_dir,
     step_name,
     write_atomic,
@@ -467,9 +469,9 @@ def fetch_run(repo_id: str, revision: str, needs_config: bool, steps=None, root=
     layout, commits = _discover(hub, repo_id, revision)
     wanted = sorted(commits if steps is None else set(steps) & set(commits))
     run = Path(root) / repo_id.replace("/", "--") / ref_name(revision).replace("/", "--")
-    patterns = [f"{DYNAMICS}/*"] + (["config.json"] if needs_config else [])
+    patterns = [f"{DYNAMICS}/*"] + ([CONFIG_FILE] if needs_config else [])
     if layout == "pico-train":
-        patterns = [f"{DYNAMICS}/*.pt", f"{DYNAMICS}/*_data/*"] + (["config.json"] if needs_config else [])
+        patterns = [f"{DYNAMICS}/*.pt", f"{DYNAMICS}/*_data/*"] + ([CONFIG_FILE] if needs_config else [])
     found = 0
     for step in wanted:
         where = f"{repo_id}@{commits[step]} ({step_name(step)})"
@@ -479,13 +481,13 @@ def fetch_run(repo_id: str, revision: str, needs_config: bool, steps=None, root=
         found += 1
         out = step_dir(run, step)
         if layout == "pico-train":
-            config = folder / "config.json"
+            config = folder / CONFIG_FILE
             model = pico_train.hf_config(json.loads(config.read_text())) if config.is_file() else None
             pico_train.convert_step(folder / DYNAMICS, out, model, where)
         else:
             _link(folder / DYNAMICS, out / DYNAMICS)
             if needs_config:
-                _link(folder / "config.json", out / MODEL / "config.json")
+                _link(folder / CONFIG_FILE, model_config_file(out))
     if not found:
         raise HubError(
             f"{repo_id}@{revision}: no learning_dynamics/ files at any of its {len(wanted)} step(s)"

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 import pico
-from pico.run_dir import CHECKPOINTS, DYNAMICS, MODEL, dynamics_file, step_dir, tensor_key
+from pico.run_dir import CHECKPOINTS, DYNAMICS, dynamics_file, model_config_file, step_dir, tensor_key
 
 SPLITS = {"train": "train", "val": "eval"}  # pico-train prefix → pico split
 KINDS = ("activations", "weights", "gradients")
@@ -166,8 +166,8 @@ def convert_step(
         }
         save_file(files[name], path, metadata=metadata | ({"step": str(step)} if step is not None else {}))
     if model_config is not None:
-        (out_step / MODEL).mkdir(parents=True, exist_ok=True)
-        (out_step / MODEL / "config.json").write_text(json.dumps(model_config, indent=2))
+        model_config_file(out_step).parent.mkdir(parents=True, exist_ok=True)
+        model_config_file(out_step).write_text(json.dumps(model_config, indent=2))
 
 
 def as_pico_run(run_dir) -> Path:
