@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 import pico.run_dir  # publish_step through the module: tests/recipes/kill_at.py replaces it to kill there
 from pico.capture import module_name
 from pico.config import load_model_config
-from pico.distributed import barrier, is_main, new_gloo_group, unwrap
+from pico.distributed import agree_on_error, barrier, is_main, new_gloo_group, rank, unwrap
 from pico.errors import PicoError
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
@@ -71,15 +71,18 @@ class CheckpointWriter:
 
     `save` blocks only while it copies the step's tensors to CPU: the DCP train state (staged by
     `dcp.async_save`) and the HF weights gathered to rank 0; the captured learning dynamics are CPU copies
-    already. The files are written by a background thread (and DCP's), then rank 0 fsyncs `step_<N>`,
-    renames it and moves `latest`. The next `save` and `wait` wait for that, so a kill at any moment leaves
-    `latest` on the last complete step. A collective: every rank calls `save` and `wait`. `on_published(N)`
-    runs on rank 0 once step_<N> is complete (e.g. the Hub uploader's enqueue).
+    already. A background thread (and DCP's) writes the files; once every rank's are written, rank 0 fsyncs
+    `step_<N>`, renames it and moves `latest`, so a kill at any moment leaves `latest` on the last complete
+    step. `complete_write` waits for that write and ends it: call it before the next `save` and at the end;
+    when any rank's part failed, every rank raises the same CheckpointError. Constructing the writer, `save`
+    and `complete_write` are collectives. `on_published(N)` runs on rank 0 once step_<N> is complete (e.g.
+    the Hub uploader's enqueue).
     """
 
     def __init__(
         self,
         run_dir,
+        *,
         tokenizer: Path | None = None,
         export: bool = True,
         positions: str = "last",
@@ -88,46 +91,83 @@ class CheckpointWriter:
     ):
         self.run_dir, self.tokenizer, self.export = run_dir, tokenizer, export
         self.positions, self.dtype, self.on_published = positions, dtype, on_published
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pico-checkpoint")
-        self._pending: Future | None = None
-        self._group = None  # DCP's collectives in the background get a gloo group of their own
+        self._write_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pico-checkpoint")
+        self._write_in_flight: tuple[int, Future] | None = None  # (step N, the background write of step_<N>)
+        # NOTE: the writes' collectives (DCP's, and the agreements on their outcome) run on a gloo group of
+        # their own, so that those of a background thread never interleave with training's.
+        self._group = new_gloo_group()
         self._written: dict[int, float] = {}
 
-    def save(self, ckpt: CheckpointStep, model: torch.nn.Module, optimizer, wait: bool = False) -> None:
-        """Wait for the previous write, stage `step_<N>` (state/, model/ unless `export` is False,
-        learning_dynamics/, eval.json) and write it in the background; `wait`: also wait for this one."""
-        self.wait()
+    def save(self, ckpt: CheckpointStep, model: torch.nn.Module, optimizer) -> None:
+        """Stage `step_<N>` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) and write
+        it in the background; the previous write must be complete (`complete_write`)."""
+        if self._write_in_flight is not None:
+            raise RuntimeError(
+                f"CheckpointWriter.save({step_name(ckpt.step)}): the write of "
+                f"{step_name(self._write_in_flight[0])} is in flight; call complete_write() first"
+            )
+        weights = export_weights(model) if self.export else None
         tmp = new_step_dir(self.run_dir, ckpt.step)
+        # NOTE: rank 0 has just deleted and re-made `tmp`. Without this barrier another rank's DCP thread
+        # could make `tmp/state` meanwhile, and its mkdir or rank 0's would fail (issue 22: a 4-rank run lost
+        # its final checkpoint to FileNotFoundError .tmp_step_30/state).
+        barrier()
         state = {"model": get_model_state_dict(model), "extra": copy.deepcopy(ckpt.train_state)}
         # Before the first update the optimizer has no state and none is saved: asking DCP for it would
         # run a zero-lr step that advances AdamW's step counter and so change the run.
         if optimizer.state:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
-        if self._group is None:
-            self._group = new_gloo_group()
-        upload = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
-        weights = export_weights(model) if self.export else None
+        dcp_write = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
         config = unwrap(model).config
-        self._pending = self._thread.submit(self._write, tmp, ckpt, weights, config, upload)
-        if wait:
-            self.wait()
+        write = self._write_executor.submit(self._write, tmp, ckpt, weights, config, dcp_write)
+        self._write_in_flight = ckpt.step, write
 
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is published as `step_<N>`; re-raise its error."""
-        if self._pending is not None:
-            step, seconds = self._pending.result()
-            self._pending = None
-            self._written[step] = seconds
-            barrier()
+    def complete_write(self) -> None:
+        """Wait for the write in flight (if any) and end it: then `step_<N>` is published, or every rank
+        raises the same CheckpointError("step_<N>: background write failed on rank <r>: <error>")."""
+        if self._write_in_flight is None:
+            return
+        (step, write), self._write_in_flight = self._write_in_flight, None
+        seconds, error = write.result()
+        # NOTE: every rank reaches this once its part is done, rank 0 once step N is published (or not): it is
+        # the barrier that ends step N, and it tells every rank the same outcome (also of the publishing).
+        error = agree_on_error(error, self._group)
+        if error is not None:
+            raise CheckpointError(f"{step_name(step)}: background write failed on {error}")
+        self._written[step] = seconds
 
     def written(self) -> dict[int, float]:
         """{step: seconds its background write took} for the writes completed since the last call."""
         written, self._written = self._written, {}
         return written
 
-    def _write(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config, upload: Future):
-        """The background part: every file of `tmp`, then (rank 0) fsync, rename and `latest`."""
+    def _write(self, tmp: Path, ckpt: CheckpointStep, weights, config, dcp_write: Future):
+        """The background part: this rank's files of `tmp`, then (rank 0, when every rank's are written)
+        fsync, rename and `latest`. Returns (seconds, None or this rank's failure `rank <r>: <error>`)."""
         start = time.perf_counter()
+        try:
+            self._write_files(tmp, ckpt, weights, config)
+            error = None
+        except Exception as e:
+            error = _failure(e)
+        try:
+            # NOTE: waited for also after a failure: DCP's collectives on the group end before ours start.
+            dcp_write.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
+        except (Exception, CheckpointException) as e:
+            error = error or _failure(e)
+        # NOTE: a collective: rank 0 publishes only a step that every rank has written all of.
+        error = agree_on_error(error, self._group)
+        if error is None and is_main():
+            try:
+                pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
+                if self.on_published is not None:
+                    self.on_published(ckpt.step)
+            except Exception as e:
+                error = _failure(e)
+        return time.perf_counter() - start, error
+
+    def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> None:
+        """This rank's files of `tmp` besides DCP's: model/, learning_dynamics/ and eval.json (rank 0)."""
         if weights is not None and is_main():
             save_pretrained(weights, config, tmp / MODEL, tokenizer=self.tokenizer)
         if ckpt.dynamics or ckpt.weights:
@@ -136,12 +176,13 @@ class CheckpointWriter:
             )
         if ckpt.evals is not None and is_main():
             (tmp / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
-        upload.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
-        if is_main():
-            pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
-            if self.on_published is not None:
-                self.on_published(ckpt.step)
-        return ckpt.step, time.perf_counter() - start
+
+
+def _failure(e: BaseException) -> str:
+    """`rank <r>: <type>: <first line>` of a write's error: this rank's, or for DCP's (which every rank
+    gets) that of the first rank where it happened."""
+    where, cause = _dcp_cause(e)
+    return f"rank {rank() if where is None else where}: {_one_line(cause)}"
 
 
 def _dcp_cause(e: BaseException) -> tuple[int | None, BaseException]:
