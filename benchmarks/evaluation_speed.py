@@ -28,7 +28,6 @@ from lm_eval.tasks import TaskManager
 from pico.data.demo import train_tokenizer
 from pico.evaluation import TaskSpec, evaluate_tasks, load_tasks
 from pico.model import PicoDecoder, PicoDecoderConfig
-from pico.model.hf import save_tokenizer, special_token_ids
 
 WORDS = [
     "the",
@@ -157,8 +156,7 @@ def main():
     )
     torch.manual_seed(0)
     model = PicoDecoder(config)
-    model.save_pretrained(work / "model", **special_token_ids(work / "tokenizer.json"))
-    save_tokenizer(work / "tokenizer.json", work / "model", args.seq_len)
+    model.save_pretrained(work / "model", tokenizer=work / "tokenizer.json")
     harness_configs(work, files)
     cpu = torch.device("cpu")
     specs = [TaskSpec("hellaswag", str(files["hellaswag"])), TaskSpec("blimp", str(files["blimp"]))]

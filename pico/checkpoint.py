@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,19 +25,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-import pico.run_dir
+import pico.run_dir  # publish_step through the module: tests/recipes/kill_at.py replaces it to kill there
+from pico.capture import module_name
 from pico.config import load_model_config
-from pico.distributed import barrier, is_main, new_gloo_group, unwrap
+from pico.distributed import agree_on_error, barrier, is_main, new_gloo_group, rank, unwrap
 from pico.errors import PicoError
 from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
 from pico.model.config import PicoDecoderConfig
+from pico.model.hf import export_state, pico_config_from_llama, save_pretrained
 from pico.run_dir import (
     CONFIG,
     EVAL,
     MODEL,
     STATE,
+    RunDirError,
     checkpoints_dir,
     list_steps,
+    model_config_file,
     new_step_dir,
     step_dir,
     step_name,
@@ -55,20 +60,29 @@ class CheckpointStep:
     evals: dict | None = None
 
 
+class CheckpointError(PicoError, ValueError):
+    """A checkpoint that cannot be written or resumed from; the message names the step, file or rank."""
+
+    kind = "run error"
+
+
 class CheckpointWriter:
     """Writes checkpoint steps in the background, one at a time (docs/checkpoints.md, "Background writes").
 
     `save` blocks only while it copies the step's tensors to CPU: the DCP train state (staged by
     `dcp.async_save`) and the HF weights gathered to rank 0; the captured learning dynamics are CPU copies
-    already. The files are written by a background thread (and DCP's), then rank 0 fsyncs `step_<N>`,
-    renames it and moves `latest`. The next `save` and `wait` wait for that, so a kill at any moment leaves
-    `latest` on the last complete step. A collective: every rank calls `save` and `wait`. `on_published(N)`
-    runs on rank 0 once step_<N> is complete (e.g. the Hub uploader's enqueue).
+    already. A background thread (and DCP's) writes the files; once every rank's are written, rank 0 fsyncs
+    `step_<N>`, renames it and moves `latest`, so a kill at any moment leaves `latest` on the last complete
+    step. `complete_write` waits for that write and ends it: call it before the next `save` and at the end;
+    when any rank's part failed, every rank raises the same CheckpointError. Constructing the writer, `save`
+    and `complete_write` are collectives. `on_published(N)` runs on rank 0 once step_<N> is complete (e.g.
+    the Hub uploader's enqueue).
     """
 
     def __init__(
         self,
         run_dir,
+        *,
         tokenizer: Path | None = None,
         export: bool = True,
         positions: str = "last",
@@ -77,60 +91,111 @@ class CheckpointWriter:
     ):
         self.run_dir, self.tokenizer, self.export = run_dir, tokenizer, export
         self.positions, self.dtype, self.on_published = positions, dtype, on_published
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pico-checkpoint")
-        self._pending: Future | None = None
-        self._group = None  # DCP's collectives in the background get a gloo group of their own
+        self._write_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pico-checkpoint")
+        self._write_in_flight: tuple[int, Future] | None = None  # (step N, the background write of step_<N>)
+        # NOTE: the writes' collectives (DCP's, and the agreements on their outcome) run on a gloo group of
+        # their own, so that those of a background thread never interleave with training's.
+        self._group = new_gloo_group()
         self._written: dict[int, float] = {}
 
-    def save(self, ckpt: CheckpointStep, model: torch.nn.Module, optimizer, wait: bool = False) -> None:
-        """Wait for the previous write, stage `step_<N>` (state/, model/ unless `export` is False,
-        learning_dynamics/, eval.json) and write it in the background; `wait`: also wait for this one."""
-        self.wait()
+    def save(self, ckpt: CheckpointStep, model: torch.nn.Module, optimizer) -> None:
+        """Stage `step_<N>` (state/, model/ unless `export` is False, learning_dynamics/, eval.json) and write
+        it in the background; the previous write must be complete (`complete_write`)."""
+        if self._write_in_flight is not None:
+            raise RuntimeError(
+                f"CheckpointWriter.save({step_name(ckpt.step)}): the write of "
+                f"{step_name(self._write_in_flight[0])} is in flight; call complete_write() first"
+            )
+        weights = export_weights(model) if self.export else None
         tmp = new_step_dir(self.run_dir, ckpt.step)
+        # NOTE: rank 0 has just deleted and re-made `tmp`. Without this barrier another rank's DCP thread
+        # could make `tmp/state` meanwhile, and its mkdir or rank 0's would fail (issue 22: a 4-rank run lost
+        # its final checkpoint to FileNotFoundError .tmp_step_30/state).
+        barrier()
         state = {"model": get_model_state_dict(model), "extra": copy.deepcopy(ckpt.train_state)}
         # Before the first update the optimizer has no state and none is saved: asking DCP for it would
         # run a zero-lr step that advances AdamW's step counter and so change the run.
         if optimizer.state:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
-        if self._group is None:
-            self._group = new_gloo_group()
-        upload = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
-        weights = export_weights(model) if self.export else None
+        dcp_write = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
         config = unwrap(model).config
-        self._pending = self._thread.submit(self._write, tmp, ckpt, weights, config, upload)
-        if wait:
-            self.wait()
+        write = self._write_executor.submit(self._write, tmp, ckpt, weights, config, dcp_write)
+        self._write_in_flight = ckpt.step, write
 
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is published as `step_<N>`; re-raise its error."""
-        if self._pending is not None:
-            step, seconds = self._pending.result()
-            self._pending = None
-            self._written[step] = seconds
-            barrier()
+    def complete_write(self) -> None:
+        """Wait for the write in flight (if any) and end it: then `step_<N>` is published, or every rank
+        raises the same CheckpointError("step_<N>: background write failed on rank <r>: <error>")."""
+        if self._write_in_flight is None:
+            return
+        (step, write), self._write_in_flight = self._write_in_flight, None
+        seconds, error = write.result()
+        # NOTE: every rank reaches this once its part is done, rank 0 once step N is published (or not): it is
+        # the barrier that ends step N, and it tells every rank the same outcome (also of the publishing).
+        error = agree_on_error(error, self._group)
+        if error is not None:
+            raise CheckpointError(f"{step_name(step)}: background write failed on {error}")
+        self._written[step] = seconds
 
     def written(self) -> dict[int, float]:
         """{step: seconds its background write took} for the writes completed since the last call."""
         written, self._written = self._written, {}
         return written
 
-    def _write(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config, upload: Future):
-        """The background part: every file of `tmp`, then (rank 0) fsync, rename and `latest`."""
+    def _write(self, tmp: Path, ckpt: CheckpointStep, weights, config, dcp_write: Future):
+        """The background part: this rank's files of `tmp`, then (rank 0, when every rank's are written)
+        fsync, rename and `latest`. Returns (seconds, None or this rank's failure `rank <r>: <error>`)."""
         start = time.perf_counter()
+        try:
+            self._write_files(tmp, ckpt, weights, config)
+            error = None
+        except Exception as e:
+            error = _failure(e)
+        try:
+            # NOTE: waited for also after a failure: DCP's collectives on the group end before ours start.
+            dcp_write.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
+        except (Exception, CheckpointException) as e:
+            error = error or _failure(e)
+        # NOTE: a collective: rank 0 publishes only a step that every rank has written all of.
+        error = agree_on_error(error, self._group)
+        if error is None and is_main():
+            try:
+                pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
+                if self.on_published is not None:
+                    self.on_published(ckpt.step)
+            except Exception as e:
+                error = _failure(e)
+        return time.perf_counter() - start, error
+
+    def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> None:
+        """This rank's files of `tmp` besides DCP's: model/, learning_dynamics/ and eval.json (rank 0)."""
         if weights is not None and is_main():
-            save_model(tmp / MODEL, weights, config, self.tokenizer)
+            save_pretrained(weights, config, tmp / MODEL, tokenizer=self.tokenizer)
         if ckpt.dynamics or ckpt.weights:
             write_learning_dynamics(
                 tmp, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=self.positions, dtype=self.dtype
             )
         if ckpt.evals is not None and is_main():
             (tmp / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
-        upload.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
-        if is_main():
-            pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
-            if self.on_published is not None:
-                self.on_published(ckpt.step)
-        return ckpt.step, time.perf_counter() - start
+
+
+def _failure(e: BaseException) -> str:
+    """`rank <r>: <type>: <first line>` of a write's error: this rank's, or for DCP's (which every rank
+    gets) that of the first rank where it happened."""
+    where, cause = _dcp_cause(e)
+    return f"rank {rank() if where is None else where}: {_one_line(cause)}"
+
+
+def _dcp_cause(e: BaseException) -> tuple[int | None, BaseException]:
+    """(rank, error) of the first failing rank of DCP's CheckpointException; (None, e) for another error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return min(e.failures), e.failures[min(e.failures)][0]
+    return None, e
+
+
+def _one_line(e: BaseException) -> str:
+    """`<type>: <first line of the message>` of an error."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def train_state(step: int, scheduler, stream) -> dict:
@@ -141,12 +206,6 @@ def train_state(step: int, scheduler, stream) -> dict:
         "data": stream.state_dict(),
         "rng": rng_state(),
     }
-
-
-class CheckpointError(PicoError, ValueError):
-    """A checkpoint that cannot be resumed from; the message names the step directory and file."""
-
-    kind = "run error"
 
 
 def load_checkpoint(
@@ -197,7 +256,7 @@ def earlier_complete_step(run_dir, before: int | None = None) -> str:
     `step_3 is complete (checkpointing.resume=<its path>)`, or that there is none."""
     try:
         steps = [n for n in list_steps(run_dir, require=STATE) if before is None or n < before]
-    except ValueError:  # no checkpoints at all
+    except RunDirError:  # no checkpoints at all
         steps = []
     for step in reversed(steps):
         try:
@@ -212,19 +271,19 @@ def saved_model_config(path: Path) -> tuple[PicoDecoderConfig, Path]:
     """The model config step dir `path` was trained with, and the file it comes from: `model/config.json`,
     or the run's `config.yaml` when the step has no `model/` (a fork the Llama layout cannot express) —
     beside `state/` in a step downloaded from the Hub (docs/hub.md), else at the run's root."""
-    from pico.model.hf import pico_config_from_llama
-
-    exported = path / MODEL / "config.json"
+    exported = model_config_file(path)
     run_config = path / CONFIG if (path / CONFIG).is_file() else path.parent.parent / CONFIG
     try:
         if exported.is_file():
             return pico_config_from_llama(json.loads(exported.read_text()), str(exported)), exported
         if run_config.is_file():
             return load_model_config(run_config), run_config
-    except (ValueError, KeyError) as e:  # ConfigError and json errors are ValueErrors
+    except ValueError as e:  # ConfigError, ModelError and json errors are ValueErrors
         source = exported if exported.is_file() else run_config
         raise CheckpointError(f"{source}: cannot read the model config ({e})") from None
-    raise CheckpointError(f"{path}: no {MODEL}/config.json and no {run_config} to check the model against")
+    raise CheckpointError(
+        f"{path}: no {exported.relative_to(path)} and no {run_config} to check the model against"
+    )
 
 
 def check_model_config(path: Path, config: PicoDecoderConfig) -> None:
@@ -248,6 +307,7 @@ def load_train_state(
     """Load a `state/` dir (`CheckpointWriter`) into `model`/`optimizer` (any world size); return `extra`.
 
     `extra` is a template with the same keys as at save time (e.g. the freshly built objects' state dicts).
+    A state that does not fit them (other shapes, damaged bytes) is a CheckpointError naming the file.
     """
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {"model": get_model_state_dict(model), "extra": extra}
@@ -255,9 +315,8 @@ def load_train_state(
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps every rank's failure (bad bytes, wrong shapes) in its own exception
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path}: cannot be loaded: {first.strip()}") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
+        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(_dcp_cause(e)[1])}") from None
     set_model_state_dict(model, state["model"])
     if "optim" in state:
         set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -279,44 +338,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_model(path: Path, model: torch.nn.Module, model_config, tokenizer: Path | None) -> None:
-    """Write an HF-loadable `model/` dir: gather full weights to rank 0's CPU (one copy) and save them there.
-
-    A model with modules the Llama layout cannot express is refused (ValueError naming the module); a module
-    with an `effective_weight()` is written as the nn.Linear it computes (docs/model.md).
-    """
-    weights = export_weights(model)
-    if weights is not None:
-        save_model(path, weights, model_config, tokenizer)
-
-
 def export_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full weights on rank 0's CPU, a copy that later updates leave alone (None on other ranks).
+    """The full weights that the HF export holds (`pico.model.hf.export_state`) on rank 0's CPU, a copy
+    that later updates leave alone (None on other ranks); `pico.model.hf.save_pretrained` writes them.
 
-    A collective (FSDP2 gathers parameter by parameter). A model with modules the Llama layout cannot
-    express is refused (ValueError naming the module); a module with an `effective_weight()` is written as
-    the nn.Linear it computes and training-only modules are left out (docs/model.md).
+    A collective (FSDP2 gathers parameter by parameter, and so may `effective_weight()`). A model with
+    modules the Llama layout cannot express is refused (ModelError naming the module).
     """
-    from pico.capture import module_name
-    from pico.model.hf import export_problem, export_state, with_effective_weights
-
-    problem = export_problem(unwrap(model))
-    if problem:
-        raise ValueError(f"HF export: {problem}")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    merged = {module_name(n): m for n, m in unwrap(model).named_modules() if hasattr(m, "effective_weight")}
-    state = with_effective_weights(state, merged)  # e.g. a LoRA linear's W + s·B·A, on every rank
+    state = export_state(unwrap(model), state, module_names=module_name)  # on every rank
     if not is_main():
         return None
-    state = export_state(unwrap(model), state)  # without the training-only modules
     on_cpu = next(unwrap(model).parameters()).device.type == "cpu"  # then `state` holds the live tensors
     return {name: t.clone() for name, t in state.items()} if on_cpu else state
-
-
-def save_model(path: Path, weights: dict[str, torch.Tensor], model_config, tokenizer: Path | None) -> None:
-    """Write `weights` (from `export_weights`) as an HF-loadable `model/` dir, with the tokenizer if given."""
-    from pico.model.hf import save_pretrained, save_tokenizer, special_token_ids
-
-    save_pretrained(weights, model_config, path, **(special_token_ids(tokenizer) if tokenizer else {}))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, path, model_config.max_seq_len)

@@ -200,3 +200,18 @@ def cleanup() -> None:
     """Destroy the process group if one was created."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def agree_on_error(error: str | None, group=None) -> str | None:
+    """The first rank's `error` (in rank order; None: that rank had none), the same answer on every rank, or
+    None when no rank had one. A collective on `group` (all ranks; default: the default group)."""
+    if not dist.is_initialized():
+        return error
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    return next((e for e in errors if e is not None), None)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import pico
 from pico.distributed import is_main, world_size
-from pico.run_dir import SPLITS, dynamics_file, tensor_key
+from pico.run_dir import SPLITS, RunDirError, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
 DTYPES = {
@@ -121,10 +121,11 @@ def write_learning_dynamics(
 
 
 def open_dynamics(path: Path, device: str = "cpu"):
-    """A lazy safetensors handle on a learning-dynamics file; a missing or unreadable file names itself."""
+    """A lazy safetensors handle on a learning-dynamics file; a missing or unreadable file is a RunDirError
+    naming it."""
     if not path.is_file():
-        raise ValueError(f"{path}: missing")
+        raise RunDirError(f"{path}: missing")
     try:
         return safe_open(path, framework="pt", device=device)
     except Exception as e:  # safetensors raises its own error types without the path
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise RunDirError(f"{path}: not a readable safetensors file ({e})") from None

@@ -15,12 +15,15 @@ import shutil
 from pathlib import Path
 
 from pico.distributed import is_main
+from pico.errors import PicoError
+from pico.model.hf import CONFIG_FILE
 
 CONFIG = "config.yaml"
+LOCK = "run.lock"  # held by the live run (pico.run_lock)
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-MODEL = "model"
+MODEL = "model"  # an HF model dir (pico.model.hf): config.json, model.safetensors, tokenizer files
 STATE = "state"
 DYNAMICS = "learning_dynamics"
 EVAL = "eval.json"
@@ -32,6 +35,12 @@ SPLITS = (
 DATA_TYPES = ("activations", "gradients", "weights")
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 _STEP = re.compile(r"step_(\d+)")
+
+
+class RunDirError(PicoError, ValueError):
+    """The run directory cannot be used as asked; the message names the directory, file or holder."""
+
+    kind = "run error"
 
 
 def step_name(step: int) -> str:
@@ -47,6 +56,11 @@ def checkpoints_dir(run_dir) -> Path:
 def step_dir(run_dir, step: int) -> Path:
     """`<run_dir>/checkpoints/step_<step>`."""
     return checkpoints_dir(run_dir) / step_name(step)
+
+
+def model_config_file(step_path) -> Path:
+    """`<step_path>/model/config.json`: the exported model's HF config, also what a step was trained with."""
+    return Path(step_path) / MODEL / CONFIG_FILE
 
 
 def analysis_dir(run_dir, name: str) -> Path:
@@ -81,12 +95,12 @@ def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
     or state)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
-        raise ValueError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
+        raise RunDirError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
     steps = sorted(
         int(m.group(1)) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and (p / require).exists()
     )
     if not steps:
-        raise ValueError(f"{root}: no step_<N>/{require} folders")
+        raise RunDirError(f"{root}: no step_<N>/{require} folders")
     return steps
 
 
@@ -97,7 +111,7 @@ def latest_checkpoint(run_dir) -> Path | None:
         return None
     path = marker.parent / marker.read_text().strip()
     if not (path / STATE).is_dir():
-        raise FileNotFoundError(f"{marker}: names {path.name}, which has no {STATE}/ directory")
+        raise RunDirError(f"{marker}: names {path.name}, which has no {STATE}/ directory")
     return path
 
 
@@ -109,9 +123,7 @@ def resolve_resume(run_dir, resume: str) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / STATE).is_dir():
-        raise FileNotFoundError(
-            f"checkpointing.resume: {path} is not a checkpoint directory (no {STATE}/ inside)"
-        )
+        raise RunDirError(f"checkpointing.resume: {path} is not a checkpoint directory (no {STATE}/ inside)")
     return path
 
 

@@ -16,17 +16,19 @@ import torch
 from pico.checkpoint import earlier_complete_step
 from pico.config import Config, save_config
 from pico.distributed import all_reduce_sum, is_main
-from pico.errors import PicoError
-from pico.run_dir import ANALYSIS, CHECKPOINTS, CONFIG, LATEST, TENSORBOARD, checkpoints_dir, resolve_resume
+from pico.run_dir import (
+    ANALYSIS,
+    CHECKPOINTS,
+    CONFIG,
+    LATEST,
+    LOCK,
+    TENSORBOARD,
+    RunDirError,
+    checkpoints_dir,
+    resolve_resume,
+)
 
-LOCK = "run.lock"
 _held = {}  # lock path → its open file, for this process's lifetime: the OS releases it however it ends
-
-
-class RunDirError(PicoError, ValueError):
-    """The run directory cannot be used as asked; the message names the directory, file or holder."""
-
-    kind = "run error"
 
 
 def lock_run_dir(run_dir, device: torch.device) -> None:
@@ -52,7 +54,8 @@ def lock_run_dir(run_dir, device: torch.device) -> None:
             handle.write(f"{socket.gethostname()} {os.getpid()}\n")
             handle.flush()
             _held[path] = handle
-    if all_reduce_sum(torch.tensor([busy], device=device)).item():  # every rank learns rank 0's answer
+    # NOTE: a collective that every rank waits in until rank 0 has tried the lock: all learn its answer.
+    if all_reduce_sum(torch.tensor([busy], device=device)).item():
         try:  # the holder wrote "<host> <pid>"; a rank on a node that does not share the file reads none
             host, _, pid = path.read_text().strip().partition(" ")
         except OSError:
@@ -73,9 +76,9 @@ def resume_point(run_dir, resume: str, overwrite: bool = False) -> Path | None:
     marker = checkpoints_dir(run_dir) / LATEST
     try:
         if resume == "auto" and marker.is_file() and not marker.read_text().strip():
-            raise FileNotFoundError(f"{marker}: empty")
+            raise RunDirError(f"{marker}: empty")
         path = resolve_resume(run_dir, resume)
-    except FileNotFoundError as e:
+    except RunDirError as e:
         named = Path(resume).parent.parent if Path(resume).parent.name == CHECKPOINTS else run_dir
         raise RunDirError(f"{e}; {earlier_complete_step(named)}") from None
     old = [p.name for p in checkpoints_dir(run_dir).glob("*")] if resume == "never" else []

@@ -113,7 +113,14 @@ def main(argv=None):
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
-    writer = CheckpointWriter(run_dir, tokenizer, not no_export, ld.positions, ld.dtype, uploader.enqueue)
+    writer = CheckpointWriter(
+        run_dir,
+        tokenizer=tokenizer,
+        export=not no_export,
+        positions=ld.positions,
+        dtype=ld.dtype,
+        on_published=uploader.enqueue,
+    )
 
     def measure(step):
         """(ckpt, seconds) of the checkpoint step's part on W_step: evaluation, then the eval split."""
@@ -131,7 +138,7 @@ def main(argv=None):
 
     def finish():
         """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
-        writer.wait()
+        writer.complete_write()
         uploader.finish()  # prints the steps it could not upload with the command that retries them
         log.close()
         cleanup()
@@ -139,7 +146,10 @@ def main(argv=None):
     def save(ckpt, wait=False):
         """Write step_<N> in the background (`wait`: and wait), log in-situ metrics; seconds blocked."""
         start = time.perf_counter()
-        writer.save(ckpt, model, optimizer, wait)
+        writer.complete_write()  # the previous step's write ends (published) before this one starts
+        writer.save(ckpt, model, optimizer)
+        if wait:
+            writer.complete_write()
         log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
         return time.perf_counter() - start
 

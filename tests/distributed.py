@@ -40,9 +40,9 @@ def _worker(rank, world_size, port, fn, args, errors, backend):
             dist.destroy_process_group()
 
 
-def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo") -> None:
-    """Run `fn(*args)` on `world_size` processes of `backend` ("gloo" for CPU tensors, "nccl" for CUDA ones,
-    each rank on GPU rank % device_count); re-raise the first rank's failure in the test."""
+def start_ranks(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo", timeout: float = 240):
+    """Run `fn(*args)` on `world_size` processes of `backend` until they end (killed after `timeout`
+    seconds); return their exit codes and the first failure `(rank, traceback)`, or None."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -53,12 +53,19 @@ def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=timeout)
     for p in procs:
         if p.is_alive():
             p.kill()
-    if not errors.empty():
-        rank, tb = errors.get()
+            p.join()
+    return [p.exitcode for p in procs], None if errors.empty() else errors.get()
+
+
+def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo") -> None:
+    """Run `fn(*args)` on `world_size` processes of `backend` ("gloo" for CPU tensors, "nccl" for CUDA ones,
+    each rank on GPU rank % device_count); re-raise the first rank's failure in the test."""
+    codes, error = start_ranks(fn, world_size, args, backend)
+    if error is not None:
+        rank, tb = error
         raise AssertionError(f"rank {rank} failed:\n{tb}")
-    codes = [p.exitcode for p in procs]
     assert all(c == 0 for c in codes), f"process exit codes {codes}"

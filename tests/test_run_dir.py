@@ -4,10 +4,12 @@ import pytest
 
 from pico.run_dir import (
     LATEST,
+    RunDirError,
     checkpoints_dir,
     dynamics_file,
     latest_checkpoint,
     list_steps,
+    model_config_file,
     module_matches,
     new_step_dir,
     parse_key,
@@ -28,6 +30,7 @@ def test_layout_and_keys(tmp_path):
     assert key == "gradients.layers.3.attention.v_proj"
     assert parse_key(key) == ("gradients", "layers.3.attention.v_proj")
     assert parse_key("input_ids") is None and parse_key("activations.") is None
+    assert model_config_file(step_dir(tmp_path, 30)) == tmp_path / "checkpoints/step_30/model/config.json"
 
 
 def test_suffix_matching_on_dot_boundaries():
@@ -51,7 +54,12 @@ def test_steps_are_published_atomically(tmp_path):
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 10) and not step_dir(tmp_path, 20).exists()
     assert resolve_resume(tmp_path, "never") is None
     assert resolve_resume(tmp_path, str(step_dir(tmp_path, 0))) == step_dir(tmp_path, 0)
-    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+    with pytest.raises(RunDirError, match="is not a checkpoint directory"):
         resolve_resume(tmp_path, str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="no step_<N>/learning_dynamics folders"):
+    with pytest.raises(RunDirError, match="no step_<N>/learning_dynamics folders"):
         list_steps(tmp_path)
+    (checkpoints_dir(tmp_path) / LATEST).write_text("step_20\n")  # names a step that was never published
+    with pytest.raises(RunDirError, match=r"latest: names step_20, which has no state/ directory$"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(RunDirError, match=r"nope: not a run directory \(no checkpoints/ folder\)$"):
+        list_steps(tmp_path / "nope")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pico.config import load_config
-from pico.run_lock import RunDirError, lock_run_dir, open_run_dir, resume_point
+from pico.run_dir import RunDirError
+from pico.run_lock import lock_run_dir, open_run_dir, resume_point
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (

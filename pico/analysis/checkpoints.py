@@ -12,7 +12,7 @@ from pico.analysis.errors import AnalysisError
 from pico.components import get_component
 from pico.learning_dynamics import open_dynamics
 from pico.metrics import SingularValues, singular_values
-from pico.run_dir import MODEL, dynamics_file, parse_key, step_dir, tensor_key
+from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key
 
 
 class Checkpoint:
@@ -66,7 +66,7 @@ class Checkpoint:
     def model_config(self) -> dict:
         """The HF config.json of `step_<N>/model/`."""
         if self._config is None:
-            path = self.dir / MODEL / "config.json"
+            path = model_config_file(self.dir)
             if not path.is_file():
                 raise AnalysisError(f"{path}: missing (compound components read n_heads from it)")
             self._config = json.loads(path.read_text())

@@ -21,7 +21,15 @@ from safetensors.torch import save_file
 
 import pico
 from pico.analysis.errors import AnalysisError
-from pico.run_dir import CHECKPOINTS, DYNAMICS, MODEL, dynamics_file, run_name, step_dir, tensor_key
+from pico.run_dir import (
+    CHECKPOINTS,
+    DYNAMICS,
+    dynamics_file,
+    model_config_file,
+    run_name,
+    step_dir,
+    tensor_key,
+)
 
 SPLITS = {"train": "train", "val": "eval"}  # pico-train prefix → pico split
 KINDS = ("activations", "weights", "gradients")
@@ -167,8 +175,8 @@ def convert_step(
         }
         save_file(files[name], path, metadata=metadata | ({"step": str(step)} if step is not None else {}))
     if model_config is not None:
-        (out_step / MODEL).mkdir(parents=True, exist_ok=True)
-        (out_step / MODEL / "config.json").write_text(json.dumps(model_config, indent=2))
+        model_config_file(out_step).parent.mkdir(parents=True, exist_ok=True)
+        model_config_file(out_step).write_text(json.dumps(model_config, indent=2))
 
 
 def _model_section(config: Path) -> dict:

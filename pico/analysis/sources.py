@@ -16,7 +16,8 @@ from pico.analysis.spec import AnalysisSpec
 from pico.components import COMPONENTS
 from pico.hub import api
 from pico.hub.api import Hub, HubError, check_repo_id, ref_name, steps_on_branch
-from pico.run_dir import DYNAMICS, MODEL, step_dir, step_name
+from pico.model.hf import CONFIG_FILE
+from pico.run_dir import DYNAMICS, model_config_file, step_dir, step_name
 
 PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)")
 HUB_ROOT = "runs/hub"  # where Hub runs are laid out, relative to the working directory
@@ -76,7 +77,7 @@ def fetch_run(repo_id: str, revision: str, *, needs_config: bool, steps=None, ro
     layout, commits = _discover(hub, repo_id, revision)
     wanted = sorted(commits if steps is None else set(steps) & set(commits))
     run = Path(root) / repo_id.replace("/", "--") / ref_name(revision).replace("/", "--")
-    config = ["config.json"] if needs_config else []
+    config = [CONFIG_FILE] if needs_config else []
     dynamics = [f"{DYNAMICS}/*.pt", f"{DYNAMICS}/*_data/*"] if layout == "pico-train" else [f"{DYNAMICS}/*"]
     found = 0
     for step in wanted:
@@ -87,13 +88,13 @@ def fetch_run(repo_id: str, revision: str, *, needs_config: bool, steps=None, ro
         out = step_dir(run, step)
         if layout == "pico-train":
             where = f"{repo_id}@{commits[step]} ({step_name(step)})"
-            hf = folder / "config.json"
+            hf = folder / CONFIG_FILE
             model = pico_train.hf_config(json.loads(hf.read_text())) if hf.is_file() else None
             pico_train.convert_step(folder / DYNAMICS, out, model, where)
         else:
             _link(folder / DYNAMICS, out / DYNAMICS)
             if needs_config:
-                _link(folder / "config.json", out / MODEL / "config.json")
+                _link(folder / CONFIG_FILE, model_config_file(out))
     if not found:
         raise HubError(
             f"{repo_id}@{revision}: no learning_dynamics/ files at any of its {len(wanted)} step(s)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from pico.errors import PicoError
+from pico.model.hf import first_special_token
 
 
 class TaskError(PicoError, ValueError):
@@ -73,7 +74,7 @@ def load_encoder(tokenizer: Tokenizer | str | Path) -> Encoder:
         name = _token_name(names.get(key))
         if name is not None and tokenizer.token_to_id(name) is not None:
             return Encoder(tokenizer, tokenizer.token_to_id(name))
-    special = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
-    if not special:
+    first = first_special_token(tokenizer)
+    if first is None:
         raise TaskError("tokenizer: no BOS/EOS token to condition an empty context on")
-    return Encoder(tokenizer, min(special))
+    return Encoder(tokenizer, first[0])

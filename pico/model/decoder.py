@@ -209,11 +209,15 @@ class PicoDecoder(nn.Module):
         attention = 12 * c.n_layers * c.attention_n_heads * c.head_dim * seq_len
         return 6 * self.num_params(exclude_embedding=True) + attention
 
-    def save_pretrained(self, directory: str | Path, **special_tokens: int):
+    def save_pretrained(
+        self, directory: str | Path, *, tokenizer: str | Path | None = None, **special_tokens: int
+    ):
         """Write config.json + model.safetensors loadable by transformers as LlamaForCausalLM.
 
-        `special_tokens`: e.g. bos_token_id=0, eos_token_id=0, recorded in config.json for `generate`."""
-        hf.save_pretrained(self, self.config, directory, **special_tokens)
+        `tokenizer`: a tokenizer.json to copy alongside; `special_tokens`: e.g. bos_token_id=0,
+        eos_token_id=0, recorded in config.json for `generate` (default: the tokenizer's first special
+        token). See pico.model.hf.save_pretrained."""
+        hf.save_pretrained(self, self.config, directory, tokenizer=tokenizer, **special_tokens)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PicoDecoder:

@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
+from pico.errors import PicoError
 from pico.model.config import PicoDecoderConfig
+
+CONFIG_FILE = "config.json"  # the LlamaConfig of a model dir
+WEIGHTS_FILE = "model.safetensors"  # its weights (Llama names); a sharded one has WEIGHTS_FILE.index.json
 
 _TOP_NAMES = {  # pico name -> Llama name
     "embedding_proj.weight": "model.embed_tokens.weight",
@@ -53,6 +59,23 @@ _TOP_NAMES_INVERSE = {v: k for k, v in _TOP_NAMES.items()}
 _LAYER_NAMES_INVERSE = {v: k for k, v in _LAYER_NAMES.items()}
 
 
+_REQUIRED_KEYS = (  # the LlamaConfig fields with no default that pico reads
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+class ModelError(PicoError, ValueError):
+    """A model dir or a model that the Llama layout cannot read or write; the message names the file or
+    module."""
+
+    kind = "model error"
+
+
 def pico_to_llama_name(name: str) -> str:
     """Llama name of a pico parameter,
     e.g. layers.0.swiglu.w_0.weight -> model.layers.0.mlp.gate_proj.weight."""
@@ -79,11 +102,6 @@ def _training_only(model: nn.Module, name: str) -> bool:
     return name.split(".", 1)[0] in getattr(model, "training_only", ())
 
 
-def export_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict` of `model` without its `training_only` modules: what the Llama export holds."""
-    return {k: v for k, v in state_dict.items() if not _training_only(model, k)}
-
-
 def export_problem(model: nn.Module) -> str | None:
     """Why `model` cannot be written in the Llama layout (the first module of another kind), or None.
 
@@ -105,19 +123,27 @@ def export_problem(model: nn.Module) -> str | None:
     return None
 
 
-def with_effective_weights(
-    state_dict: dict[str, torch.Tensor], modules: dict[str, nn.Module]
+def export_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], module_names: Callable[[str], str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """`state_dict` with each of `modules` ({name: module with `effective_weight()`}, e.g. a LoRA linear)
-    written as the nn.Linear it computes: its entries replaced by `<name>.weight`, its effective weight.
+    """What the Llama export of `model` holds, from its full `state_dict` (pico names): the one rule.
 
-    `effective_weight()` may be a collective (under FSDP2): call this on every rank.
+    A model `export_problem` finds a module in is refused (ModelError naming it); each module with an
+    `effective_weight()` (e.g. a LoRA linear: W + s·B·A) is written as the nn.Linear it computes, its entries
+    replaced by `<name>.weight`; `training_only` modules are left out. `effective_weight()` may be a
+    collective (under FSDP2): call this on every rank. `module_names` maps `model.named_modules()` names to
+    the state dict's (e.g. without the parts compile inserts).
     """
+    problem = export_problem(model)
+    if problem:
+        raise ModelError(f"HF export: {problem}")
     state = dict(state_dict)
-    for name, module in modules.items():
-        state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
-        state[f"{name}.weight"] = module.effective_weight().detach().to("cpu")  # (out, in)
-    return state
+    for name, module in model.named_modules():
+        if hasattr(module, "effective_weight"):
+            name = module_names(name) if module_names is not None else name
+            state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+            state[f"{name}.weight"] = module.effective_weight().detach().to("cpu")  # (out, in)
+    return {k: v for k, v in state.items() if not _training_only(model, k)}
 
 
 def llama_config(
@@ -148,14 +174,18 @@ def llama_config(
     }
 
 
-def pico_config_from_llama(hf: dict, source: str = "config.json") -> PicoDecoderConfig:
-    """The pico architecture of a Llama config.json dict; unsupported variants raise a one-line ValueError."""
+def pico_config_from_llama(hf: dict, source: str = CONFIG_FILE) -> PicoDecoderConfig:
+    """The pico architecture of a Llama config.json dict; an unsupported variant is a ModelError naming
+    the key."""
 
     def reject(message: str):
-        raise ValueError(f"{source}: {message}; pico supports untied, bias-free Llama with plain RoPE")
+        raise ModelError(f"{source}: {message}; pico supports untied, bias-free Llama with plain RoPE")
 
     if hf.get("model_type") != "llama":
         reject(f"model_type={hf.get('model_type')!r} is not 'llama'")
+    for key in _REQUIRED_KEYS:
+        if key not in hf:
+            reject(f"no {key}")
     if hf.get("tie_word_embeddings", False):
         reject("tie_word_embeddings=true (tied embeddings) is not supported")
     for key in ("attention_bias", "mlp_bias"):
@@ -205,17 +235,17 @@ def expected_shapes(config: PicoDecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
-    """Raise a one-line ValueError unless state_dict has exactly the pico parameters of config,
+    """Raise a ModelError naming the parameter unless state_dict has exactly the pico parameters of config,
     shapes included."""
     expected = expected_shapes(config)
     for name in state_dict:
         if name not in expected:
-            raise ValueError(f"{source}: unexpected parameter {name!r} for this model config")
+            raise ModelError(f"{source}: unexpected parameter {name!r} for this model config")
     for name, shape in expected.items():
         if name not in state_dict:
-            raise ValueError(f"{source}: missing parameter {name!r}")
+            raise ModelError(f"{source}: missing parameter {name!r}")
         if tuple(state_dict[name].shape) != shape:
-            raise ValueError(
+            raise ModelError(
                 f"{source}: parameter {name!r} has shape {tuple(state_dict[name].shape)}, expected {shape}"
             )
 
@@ -224,73 +254,72 @@ def save_pretrained(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     config: PicoDecoderConfig,
     directory: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
     **special_tokens: int,
 ):
-    """Write config.json + model.safetensors (Llama names) for a PicoDecoder or a full state dict in
-    pico names.
+    """Write an HF model dir: config.json + model.safetensors (Llama names) for a module or a full state dict
+    in pico names (`export_state` decides what a module exports), and the tokenizer files of `tokenizer`.
 
-    A module is checked with `export_problem` first; `special_tokens` (bos_token_id, eos_token_id) go to
-    config.json so that `generate` stops at EOS.
+    Every model dir pico writes comes from here. `special_tokens` (bos_token_id, eos_token_id) go to
+    config.json so that `generate` stops at EOS; with a `tokenizer` they default to its first special token.
     """
     state_dict = model_or_state_dict
     if isinstance(model_or_state_dict, nn.Module):
-        problem = export_problem(model_or_state_dict)
-        if problem:
-            raise ValueError(f"save_pretrained: {problem}")
-        merged = {n: m for n, m in model_or_state_dict.named_modules() if hasattr(m, "effective_weight")}
-        state = with_effective_weights(model_or_state_dict.state_dict(), merged)
-        state_dict = export_state(model_or_state_dict, state)
+        state_dict = export_state(model_or_state_dict, model_or_state_dict.state_dict())
     _check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) != 1:
-        raise ValueError(
+        raise ModelError(
             f"save_pretrained: parameters mix dtypes {sorted(map(str, dtypes))}; cast them to one"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    if tokenizer is not None:
+        special_tokens = {**_save_tokenizer(Path(tokenizer), directory, config.max_seq_len), **special_tokens}
     config_json = llama_config(config, dtypes.pop(), **special_tokens)
-    (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
 
 
-def special_token_ids(tokenizer: Path) -> dict[str, int]:
-    """bos/eos token ids for config.json: a `tokenizer.json`'s first special token, as pico's
-    tokenizers use it."""
-    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
-    return {"bos_token_id": special[0]["id"], "eos_token_id": special[0]["id"]} if special else {}
+def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
+    """(id, text) of the tokenizer's first special token (lowest id), or None: pico's EOS and BOS (documents
+    end with it; exports name it in config.json; evaluation conditions an empty context on it)."""
+    special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    return (min(special), special[min(special)]) if special else None
 
 
-def save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> None:
-    """Copy `tokenizer.json` next to the weights with a `tokenizer_config.json` so AutoTokenizer loads it;
-    its first special token is the EOS token."""
+def _save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> dict[str, int]:
+    """Copy `tokenizer.json` into `directory` with a `tokenizer_config.json` so that AutoTokenizer loads it;
+    its first special token is the EOS token. Returns the bos/eos ids for config.json."""
     shutil.copy(tokenizer, directory / "tokenizer.json")
-    special = [t for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", []) if t["special"]]
+    first = first_special_token(Tokenizer.from_file(str(tokenizer)))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
-    if special:
-        config["eos_token"] = special[0]["content"]
+    if first is not None:
+        config["eos_token"] = first[1]
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"bos_token_id": first[0], "eos_token_id": first[0]} if first is not None else {}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file; a truncated or garbage file is a ValueError naming it."""
+    """Every tensor of one safetensors file; a truncated or garbage file is a ModelError naming it."""
     try:
         return load_file(path)
     except Exception as e:  # safetensors' own error type, without the path
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, keyed by Llama name."""
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    single, index = directory / WEIGHTS_FILE, directory / f"{WEIGHTS_FILE}.index.json"
     if single.exists():
         return _read_safetensors(single)
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in _read_safetensors(directory / shard).items()}
-    raise FileNotFoundError(
-        f"{directory}: no model.safetensors or model.safetensors.index.json "
-        f"(only safetensors checkpoints are supported)"
+    raise ModelError(
+        f"{directory}: no {single.name} or {index.name} (only safetensors checkpoints are supported)"
     )
 
 
@@ -298,10 +327,14 @@ def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str,
     """The pico config and state dict (pico names) of a Llama-layout directory: ours or one
     transformers saved."""
     directory = Path(directory)
-    config_path = directory / "config.json"
+    config_path = directory / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    config = pico_config_from_llama(json.loads(config_path.read_text()), source=str(config_path))
+        raise ModelError(f"{config_path} does not exist")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_path}: not valid JSON ({e})") from None
+    config = pico_config_from_llama(hf_config, source=str(config_path))
     state_dict = {}
     for name, tensor in _load_llama_tensors(directory).items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some transformers versions saved; recomputed here
@@ -309,6 +342,6 @@ def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str,
         try:
             state_dict[llama_to_pico_name(name)] = tensor
         except KeyError as err:
-            raise ValueError(f"{directory}: {err.args[0]}") from None
+            raise ModelError(f"{directory}: {err.args[0]}") from None
     _check_state_dict(state_dict, config, str(directory))
     return config, state_dict

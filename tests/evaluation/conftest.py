@@ -12,7 +12,6 @@ import torch
 from pico.data.demo import train_tokenizer
 from pico.evaluation.tasks import TRUTHFULQA_PRIMER
 from pico.model import PicoDecoder, PicoDecoderConfig
-from pico.model.hf import save_tokenizer, special_token_ids
 
 SEQ_LEN = 128  # shorter than TruthfulQA's primer, so its left truncation is compared too
 NAMES = ["Mara", "the old sailor", "a quiet baker", "two tall farmers", "the painter", "my neighbour"]
@@ -185,6 +184,5 @@ def workspace(tmp_path_factory) -> dict:
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     model_dir = root / "model"
-    model.save_pretrained(model_dir, **special_token_ids(root / "tokenizer.json"))
-    save_tokenizer(root / "tokenizer.json", model_dir, SEQ_LEN)
+    model.save_pretrained(model_dir, tokenizer=root / "tokenizer.json")
     return {"root": root, "model_dir": model_dir, "files": files}

@@ -1,13 +1,21 @@
 """Hugging Face interop against the real transformers LlamaForCausalLM, both directions."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from pico.model import PicoDecoder, PicoDecoderConfig, from_pretrained, save_pretrained
-from pico.model.hf import export_problem, llama_to_pico_name, pico_to_llama_name
+from pico.model.hf import (
+    ModelError,
+    export_problem,
+    first_special_token,
+    llama_to_pico_name,
+    pico_to_llama_name,
+)
 
 CONFIG = PicoDecoderConfig(
     d_model=64,
@@ -95,10 +103,10 @@ def test_name_mapping_round_trips():
 def test_save_rejects_incomplete_or_misshapen_state_dict(tmp_path):
     state_dict = PicoDecoder(CONFIG).state_dict()
     missing = {k: v for k, v in state_dict.items() if k != "layers.1.attention.k_proj.weight"}
-    with pytest.raises(ValueError, match="missing parameter 'layers.1.attention.k_proj.weight'"):
+    with pytest.raises(ModelError, match="missing parameter 'layers.1.attention.k_proj.weight'"):
         save_pretrained(missing, CONFIG, tmp_path)
     wrong = {**state_dict, "output_norm.weight": torch.ones(65)}
-    with pytest.raises(ValueError, match=r"'output_norm.weight' has shape \(65,\), expected \(64,\)"):
+    with pytest.raises(ModelError, match=r"'output_norm.weight' has shape \(65,\), expected \(64,\)"):
         save_pretrained(wrong, CONFIG, tmp_path)
 
 
@@ -112,7 +120,7 @@ def test_tied_llama_checkpoint_is_rejected(tmp_path):
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="tie_word_embeddings=true"):
+    with pytest.raises(ModelError, match="tie_word_embeddings=true"):
         PicoDecoder.from_pretrained(tmp_path)
 
 
@@ -127,22 +135,29 @@ def test_tied_llama_checkpoint_is_rejected(tmp_path):
             "rope_parameters=",
         ),
         ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"hidden_size": None}, "no hidden_size"),
     ],
 )
 def test_unsupported_configs_are_rejected_with_the_key(tmp_path, change, message):
     PicoDecoder(CONFIG).save_pretrained(tmp_path)
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    with pytest.raises(ValueError, match=message):
+    config = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(ModelError, match=rf"^{path}: {message}"):
         from_pretrained(tmp_path)
 
 
-def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+def test_missing_or_damaged_files_are_named(tmp_path):
+    with pytest.raises(ModelError, match=rf"^{tmp_path}/config.json does not exist$"):
         from_pretrained(tmp_path)
     PicoDecoder(CONFIG).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(
+        ModelError, match=rf"^{tmp_path}: no model.safetensors or model.safetensors.index.json"
+    ):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ModelError, match=rf"^{tmp_path}/config.json: not valid JSON \(Expecting"):
         from_pretrained(tmp_path)
 
 
@@ -169,7 +184,7 @@ def test_export_refuses_modules_the_llama_layout_cannot_express(tmp_path):
     model = PicoDecoder(CONFIG)
     model.layers[1].swiglu_norm = torch.nn.LayerNorm(CONFIG.d_model, bias=False)  # same parameter names
     assert "layers.1.swiglu_norm is a LayerNorm" in export_problem(model)
-    with pytest.raises(ValueError, match=r"^save_pretrained: module layers\.1\.swiglu_norm is a LayerNorm"):
+    with pytest.raises(ModelError, match=r"^HF export: module layers\.1\.swiglu_norm is a LayerNorm"):
         model.save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
     model.layers[1].swiglu_norm = torch.nn.RMSNorm(CONFIG.d_model)
@@ -208,6 +223,32 @@ def test_special_tokens_go_to_config_json(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["bos_token_id"], saved["eos_token_id"]) == (3, 4)
     assert AutoConfig.from_pretrained(tmp_path).eos_token_id == 4
+
+
+def tokenizer_file(path: Path, special: list[str]) -> Path:
+    """A word-level tokenizer.json whose added special tokens get the ids after its 3 words."""
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(special)
+    tokenizer.save(str(path))
+    return path
+
+
+def test_the_tokenizer_goes_with_the_export_and_its_first_special_token_ends_documents(tmp_path):
+    tokenizer = tokenizer_file(tmp_path / "tokenizer.json", ["<eos>", "<pad>"])  # ids 3, 4
+    assert first_special_token(Tokenizer.from_file(str(tokenizer))) == (3, "<eos>")
+    PicoDecoder(CONFIG).save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"]) == (3, 3)
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert loaded.eos_token == "<eos>" and loaded.eos_token_id == 3 and loaded.model_max_length == 32
+    assert loaded("a b").input_ids == [0, 1]
+    PicoDecoder(CONFIG).save_pretrained(tmp_path / "other", tokenizer=tokenizer, eos_token_id=4)
+    assert json.loads((tmp_path / "other" / "config.json").read_text())["eos_token_id"] == 4
+    plain = tokenizer_file(tmp_path / "plain.json", [])
+    assert first_special_token(Tokenizer.from_file(str(plain))) is None
+    PicoDecoder(CONFIG).save_pretrained(tmp_path / "plain", tokenizer=plain)
+    assert "eos_token_id" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
 def test_from_pretrained_builds_the_calling_class(tmp_path):

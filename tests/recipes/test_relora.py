@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pico.capture import capture_weights
-from pico.checkpoint import export_model
 from pico.config import ConfigError
+from pico.model import save_pretrained
 from pico.training import captured_step, train_step
 from tests.recipes.common import LAYERS, MODEL, ROOT, SEQ, VOCAB, launch
 from tests.recipes.test_pretrain import losses, overrides, weights
@@ -187,7 +187,7 @@ def test_export_writes_the_effective_weights_that_transformers_loads(tmp_path):
     model, cfg = tiny()
     for m in lora.lora_modules(model):
         torch.nn.init.normal_(m.lora_B, std=0.05)  # a non-zero s·B·A to merge
-    export_model(tmp_path, model, cfg.model_config(), None)
+    save_pretrained(model, cfg.model_config(), tmp_path)  # the export path the checkpoint writer takes
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = rows()[:, :-1]
     with torch.no_grad():
