@@ -234,7 +234,7 @@ def expected_shapes(config: PicoDecoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: PicoDecoderConfig, source: str):
     """Raise a ModelError naming the parameter unless state_dict has exactly the pico parameters of config,
     shapes included."""
     expected = expected_shapes(config)
@@ -267,7 +267,7 @@ def save_pretrained(
     state_dict = model_or_state_dict
     if isinstance(model_or_state_dict, nn.Module):
         state_dict = export_state(model_or_state_dict, model_or_state_dict.state_dict())
-    _check_state_dict(state_dict, config, "save_pretrained")
+    check_state_dict(state_dict, config, "save_pretrained")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) != 1:
         raise ModelError(
@@ -310,7 +310,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _load_llama_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, keyed by Llama name."""
     single, index = directory / WEIGHTS_FILE, directory / f"{WEIGHTS_FILE}.index.json"
     if single.exists():
@@ -336,12 +336,12 @@ def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str,
         raise ModelError(f"{config_path}: not valid JSON ({e})") from None
     config = pico_config_from_llama(hf_config, source=str(config_path))
     state_dict = {}
-    for name, tensor in _load_llama_tensors(directory).items():
+    for name, tensor in load_weight_files(directory).items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some transformers versions saved; recomputed here
             continue
         try:
             state_dict[llama_to_pico_name(name)] = tensor
         except KeyError as err:
             raise ModelError(f"{directory}: {err.args[0]}") from None
-    _check_state_dict(state_dict, config, str(directory))
+    check_state_dict(state_dict, config, str(directory))
     return config, state_dict

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pico.model.config import PicoDecoderConfig
-from pico.model.hf import _check_state_dict, _load_llama_tensors
+from pico.model.hf import ModelError, check_state_dict, load_weight_files
 
 MODEL_TYPE = "pico_decoder"
 WEIGHT_PREFIX = "pico_decoder."
@@ -46,7 +46,7 @@ def _read_config(directory: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
 
 
 def is_pico_train_model(directory: str | Path) -> bool:
@@ -59,15 +59,15 @@ def pico_config(config: dict, source: str = "config.json") -> PicoDecoderConfig:
     """The PicoDecoderConfig of a pico-train config.json dict; an unknown or missing key raises one line."""
     for key in config:
         if key not in FIELDS and key not in IGNORED_KEYS:
-            raise ValueError(f"{source}: unknown key {key!r} for a pico_decoder model; known: {list(FIELDS)}")
+            raise ModelError(f"{source}: unknown key {key!r} for a pico_decoder model; known: {list(FIELDS)}")
     required = [f.name for f in dataclasses.fields(PicoDecoderConfig) if f.default is dataclasses.MISSING]
     missing = [name for name in required if name not in config]
     if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} of a pico_decoder model")
+        raise ModelError(f"{source}: missing key {missing[0]!r} of a pico_decoder model")
     try:
         return PicoDecoderConfig.from_dict({k: config[k] for k in FIELDS if k in config})
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ModelError(f"{source}: {e}") from None
 
 
 def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -82,14 +82,14 @@ def pico_state_dict(tensors: dict[str, torch.Tensor], config: PicoDecoderConfig,
     state = {}
     for name, tensor in tensors.items():
         if not name.startswith(WEIGHT_PREFIX):
-            raise ValueError(f"{source}: tensor {name!r} is not under {WEIGHT_PREFIX!r}")
+            raise ModelError(f"{source}: tensor {name!r} is not under {WEIGHT_PREFIX!r}")
         name = name.removeprefix(WEIGHT_PREFIX)
         if name.endswith("attention.q_proj.weight"):
             tensor = interleaved_to_half(tensor, config.attention_n_heads)
         elif name.endswith("attention.k_proj.weight"):
             tensor = interleaved_to_half(tensor, config.attention_n_kv_heads)
         state[name] = tensor
-    _check_state_dict(state, config, source)
+    check_state_dict(state, config, source)
     return state
 
 
@@ -97,4 +97,4 @@ def load_pretrained(directory: str | Path) -> tuple[PicoDecoderConfig, dict[str,
     """The pico config and state dict (pico names and RoPE layout) of a pico-train model directory."""
     directory = Path(directory)
     config = pico_config(_read_config(directory) or {}, source=str(directory / "config.json"))
-    return config, pico_state_dict(_load_llama_tensors(directory), config, str(directory))
+    return config, pico_state_dict(load_weight_files(directory), config, str(directory))
