@@ -1,6 +1,7 @@
 """torchrun.sh launches through the interpreter that has torch, with no `torchrun` on PATH."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,10 @@ def test_launches_without_torchrun_on_path(tmp_path, python):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC_PER_NODE": "2"}
     if python == "PYTHON set":  # python3 on PATH is whatever the system has (here: no torch)
         env.update(PATH="/usr/bin:/bin", PYTHON=sys.executable)
-    else:  # python3 on PATH has torch, but its scripts (torchrun) are not on PATH
-        (bin_dir / "python3").symlink_to(sys.executable)
+    else:  # python3 on PATH has torch, but its scripts (torchrun) are not on PATH. A wrapper, not a
+        # symlink: a venv's python linked elsewhere loses its pyvenv.cfg and starts the base interpreter.
+        (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (bin_dir / "python3").chmod(0o755)
         env.update(PATH=f"{bin_dir}:/usr/bin:/bin")
         env.pop("PYTHON", None)
     assert shutil.which("torchrun", path=env["PATH"]) is None
