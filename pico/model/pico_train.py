@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pico.config_loader import ConfigError
 from pico.model.config import PicoDecoderConfig
 from pico.model.hf import _check_state_dict, _load_llama_tensors
 
@@ -46,7 +47,7 @@ def _read_config(directory: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def is_pico_train_model(directory: str | Path) -> bool:
@@ -59,15 +60,17 @@ def pico_config(config: dict, source: str = "config.json") -> PicoDecoderConfig:
     """The PicoDecoderConfig of a pico-train config.json dict; an unknown or missing key raises one line."""
     for key in config:
         if key not in FIELDS and key not in IGNORED_KEYS:
-            raise ValueError(f"{source}: unknown key {key!r} for a pico_decoder model; known: {list(FIELDS)}")
+            raise ConfigError(
+                f"{source}: unknown key {key!r} for a pico_decoder model; known: {list(FIELDS)}"
+            )
     required = [f.name for f in dataclasses.fields(PicoDecoderConfig) if f.default is dataclasses.MISSING]
     missing = [name for name in required if name not in config]
     if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} of a pico_decoder model")
+        raise ConfigError(f"{source}: missing key {missing[0]!r} of a pico_decoder model")
     try:
         return PicoDecoderConfig.from_dict({k: config[k] for k in FIELDS if k in config})
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
