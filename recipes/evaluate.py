@@ -2,6 +2,8 @@
 
     python recipes/evaluate.py --model runs/demo/checkpoints/step_300 --task blimp=data/blimp --task hellaswag
     ./torchrun.sh recipes/evaluate.py --model <step dir | HF dir | Hub id> --task paloma=data/eval --limit 100
+    python recipes/evaluate.py --model hf://pico-lm/pico-decoder-tiny@pico-decoder-tiny-1 --step 100 \
+        --task hellaswag    # a step of a run on the Hub (pico's or pico-train's)
 
 Each rank holds the whole model and scores its share of the batches; rank 0 prints, writes.
 Bad input exits 2.
@@ -16,11 +18,17 @@ import torch
 
 from pico.distributed import cleanup, init_distributed, is_main
 from pico.evaluation import TASK_NAMES, TaskSpec, evaluate_tasks, format_results, load_tasks
+from pico.hub import fetch_model, parse_hf_uri
 from pico.model import from_pretrained
 
 
-def model_dir(model: str) -> Path:
-    """The HF Llama dir of a step dir (its model/), an HF model dir, or a Hub id (downloaded)."""
+def model_dir(model: str, step: int | None = None) -> Path:
+    """The HF Llama dir of a step dir (its model/), an HF model dir, a Hub id (downloaded), or the model of
+    `step` of a run's branch `hf://<repo>@<branch>` (pico's or pico-train's; docs/hub.md)."""
+    if model.startswith("hf://"):
+        return fetch_model(*parse_hf_uri(model), step=step)
+    if step is not None:
+        raise ValueError(f"--step {step}: only with --model hf://<repo>@<branch>")
     path = Path(model).expanduser()
     if (path / "model" / "config.json").is_file():
         return path / "model"
@@ -47,7 +55,10 @@ def task_spec(text: str, limit: int | None, batch_size: int | None) -> TaskSpec:
 def main() -> int:
     """Parse, load the model and tasks (exit 2 on bad input), evaluate, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="step dir, HF model dir or Hub id")
+    parser.add_argument(
+        "--model", required=True, help="step dir, HF model dir, Hub id or hf://<repo>@<branch>"
+    )
+    parser.add_argument("--step", type=int, help="with hf://<repo>@<branch>: the step (default: the newest)")
     parser.add_argument(
         "--task",
         action="append",
@@ -63,7 +74,7 @@ def main() -> int:
 
     dist = init_distributed()
     try:
-        directory = model_dir(args.model)
+        directory = model_dir(args.model, args.step)
         model = from_pretrained(directory).to(dist.device)
         tokenizer = directory if (directory / "tokenizer.json").is_file() else None
         specs = [task_spec(t, args.limit, args.batch_size) for t in args.task]

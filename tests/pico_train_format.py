@@ -294,7 +294,8 @@ class PicoTrainRun:
     config: dict  # the six sections, as training_config.yaml holds them
     states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # W_N as stored (module dtype)
     train_batches: dict[int, torch.Tensor] = field(default_factory=dict)  # step N → the rows of update N+1
-    eval_batch: torch.Tensor | None = None  # (n, T+1): the learning_dynamics.eval_data `val` split
+    eval_batch: torch.Tensor | None = None  # (n, T+1): the learning_dynamics.eval_data `val` split (the
+    # writer does not write that dataset: tests that need it at hand write it with write_eval_data)
     commits: list[Commit] = field(default_factory=list)
 
     def step_dir(self, step: int) -> Path:
@@ -317,6 +318,7 @@ def training_config(
     suffixes: list[str],
     sequence_idx: int,
     precision: str,
+    eval_data: str,
 ) -> dict:
     """training_config.yaml: every field of pico-train's six config dataclasses."""
     return {
@@ -373,7 +375,7 @@ def training_config(
                 "layer_suffixes": list(suffixes),
                 "sequence_idx": sequence_idx,
                 "batch_size": ld_batch_size,
-                "eval_data": "pico-lm/pretokenized-paloma-tinsy",
+                "eval_data": eval_data,
             },
         },
     }
@@ -513,6 +515,7 @@ def write_pico_train_run(
     suffixes: list[str] | None = None,
     sequence_idx: int = -1,
     precision: str = "32-true",
+    eval_data: str = "pico-lm/pretokenized-paloma-tinsy",
     seed: int = 0,
 ) -> PicoTrainRun:
     """Train a tiny pico_decoder for `max_steps` updates and write everything pico-train writes on the way."""
@@ -529,6 +532,7 @@ def write_pico_train_run(
         suffixes=suffixes or DEFAULT_SUFFIXES,
         sequence_idx=sequence_idx,
         precision=precision,
+        eval_data=eval_data,
     )
     run = PicoTrainRun(runs_dir / run_name, run_name, world_size, config)
     (run.path / "checkpoints").mkdir(parents=True)
@@ -572,6 +576,22 @@ def write_pico_train_run(
         writer.save_checkpoint(max_steps, run.states[max_steps], optimizer)
         writer.save_evaluation(max_steps, run.states[max_steps])
     return run
+
+
+def write_eval_data(folder: Path, rows: torch.Tensor) -> Path:
+    """`rows` as a dataset whose `val` split `datasets.load_dataset(folder, split="val")` reads, laid out as
+    `Dataset.push_to_hub` lays out pico-lm's pretokenized sets: README.md configs + data/val-*.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {"input_ids": rows.tolist(), "text": [" ".join(f"t{i}" for i in r) for r in rows.tolist()]}
+    )
+    pq.write_table(table, folder / "data" / "val-00000-of-00001.parquet")
+    configs = "configs:\n- config_name: default\n  data_files:\n  - split: val\n    path: data/val-*\n"
+    (folder / "README.md").write_text(f"---\n{configs}---\n")
+    return folder
 
 
 def replay_on_hub(hub, run: PicoTrainRun, repo_id: str) -> None:

@@ -1,7 +1,9 @@
 """One checkpoint's learning dynamics, read lazily through pico.run_dir's layout and key format.
 
 Everything derived from a checkpoint is computed once and kept while the Checkpoint lives: the tensors read,
-compound components, and the singular values that every spectral metric of the analysis shares.
+compound components, and the singular values that every spectral metric of the analysis shares. A step may
+lack a split (pico-train's final step has no train split); a file's metadata may refuse a data type
+(`refused.<data_type>`: the reason) and say what its gradients are (`gradients`, default BATCH_MEAN).
 """
 
 import json
@@ -13,6 +15,8 @@ from pico.components import get_component
 from pico.learning_dynamics import open_dynamics
 from pico.metrics import SingularValues, singular_values
 from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key
+
+BATCH_MEAN = "batch mean"  # what gradients are unless a file's `gradients` metadata says otherwise
 
 
 class Checkpoint:
@@ -26,8 +30,27 @@ class Checkpoint:
 
     def _file(self, name: str):
         if name not in self._files:
-            self._files[name] = open_dynamics(dynamics_file(self.dir, name), str(self.device))
+            path = dynamics_file(self.dir, name)
+            if not path.is_file():
+                raise AnalysisError(f"{path}: missing (step {self.step} has no {name} split)")
+            self._files[name] = open_dynamics(path, str(self.device))
         return self._files[name]
+
+    def has(self, split: str | None) -> bool:
+        """Whether the step has `split`'s file (weights.safetensors for None)."""
+        return dynamics_file(self.dir, split or "weights").is_file()
+
+    def metadata(self, split: str | None) -> dict[str, str]:
+        """The safetensors metadata of `split`'s file (weights.safetensors for None)."""
+        return self._file(split or "weights").metadata() or {}
+
+    def refused(self, data_type: str, split: str | None) -> str | None:
+        """Why `data_type` of `split` must not be analysed (its file's `refused.<data_type>`), or None."""
+        return self.metadata(split).get(f"refused.{data_type}")
+
+    def gradients_meaning(self, split: str) -> str:
+        """What `split`'s gradients are: BATCH_MEAN, or what the file's `gradients` metadata says."""
+        return self.metadata(split).get("gradients", BATCH_MEAN)
 
     def modules(self, data_type: str, split: str | None) -> list[str]:
         """Full module names that have `data_type` tensors (in `split`'s file, or weights.safetensors)."""
@@ -42,6 +65,8 @@ class Checkpoint:
         key = tensor_key(data_type, module)
         if (file, key) not in self._tensors:
             handle = self._file(file)
+            if reason := self.refused(data_type, file):
+                raise AnalysisError(f"{dynamics_file(self.dir, file)}: {data_type} refused: {reason}")
             if key not in handle.keys():
                 raise AnalysisError(f"{dynamics_file(self.dir, file)}: no tensor {key!r}")
             self._tensors[file, key] = self._read(handle, file, key).to(self.dtype)

@@ -1,13 +1,18 @@
-"""The analysis pass: every metric of a spec over the checkpoints of each run, as rows of the tidy table."""
+"""The analysis pass: every metric of a spec over the checkpoints of each run, as rows of the tidy table.
+
+A step without a split (pico-train's final step has only val) has no rows for it, and a data type a file
+refuses (pico-train's one-device activations) has none either: `analyze` says so, one line per run, on stderr.
+"""
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pico.analysis.checkpoints import Checkpoint
+from pico.analysis.checkpoints import BATCH_MEAN, Checkpoint
 from pico.analysis.device import compute_device
 from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import eval_rows, select_evals
@@ -15,7 +20,7 @@ from pico.analysis.spec import DEFAULT_SPEC, AnalysisSpec, ComponentSpec, Metric
 from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
 from pico.metrics import Metric, get_metric
-from pico.run_dir import list_steps, module_matches, run_name
+from pico.run_dir import dynamics_file, list_steps, module_matches, run_name, step_dir
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 SVD_NORMS = ("nuc", "spectral")  # the norm kinds computed from singular values
@@ -113,6 +118,12 @@ def _measured(ckpt: Checkpoint, entry: _ResolvedMetric, ref: Checkpoint | None) 
     module None for a compound component. Comparing with `ref` needs the same samples in both."""
     for data_type in entry.data_types:
         for split in (None,) if data_type == "weights" else entry.splits:
+            if not _readable(ckpt, data_type, split) or (
+                ref is not None and not _readable(ref, data_type, split)
+            ):
+                continue  # analyze() has said so
+            if ref is not None and data_type == "activations":
+                _same_positions(ckpt, ref, split, entry.spec.label)
             if ref is not None and split is not None:
                 ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
                 if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
@@ -129,6 +140,73 @@ def _measured(ckpt: Checkpoint, entry: _ResolvedMetric, ref: Checkpoint | None) 
                     continue
                 for layer, module in _selections(ckpt, comp, data_type, split):
                     yield data_type, split, comp.name, layer, module
+
+
+def _same_positions(ckpt: Checkpoint, ref: Checkpoint, split: str, label: str) -> None:
+    """Raise unless both checkpoints captured `split`'s activations at the same positions."""
+    positions, ref_positions = (c.metadata(split).get("positions", "last") for c in (ckpt, ref))
+    if positions != ref_positions:
+        raise AnalysisError(
+            f"{label}: {split} activations of {ckpt.dir} are at positions {positions!r} and of {ref.dir} "
+            f"at {ref_positions!r}, so they describe different tokens"
+        )
+
+
+def _readable(ckpt: Checkpoint, data_type: str, split: str | None) -> bool:
+    """Whether the step has `split` and its file does not refuse `data_type`."""
+    return ckpt.has(split) and not ckpt.refused(data_type, split)
+
+
+def _read_splits(entries: list[_ResolvedMetric], data_types=("activations", "gradients")) -> list[str]:
+    """The splits the entries read `data_types` from."""
+    return sorted({s for e in entries if set(e.data_types) & set(data_types) for s in e.splits})
+
+
+def _first(run: Path, steps: list[int], split: str) -> Checkpoint | None:
+    """The first of `steps` that has `split` (on the CPU: only its metadata is read), or None."""
+    step = next((s for s in steps if dynamics_file(step_dir(run, s), split).is_file()), None)
+    return None if step is None else Checkpoint(run, step, torch.device("cpu"), torch.float32)
+
+
+def _notes(run: Path, steps: list[int], entries: list[_ResolvedMetric]) -> list[str]:
+    """What the run's rows will lack and why, one note each: the steps without a split the spec reads, the
+    data types its files refuse, gradients that are not the batch mean."""
+    gaps, refused, notes = [], {}, []
+    for split in _read_splits(entries):
+        missing = [s for s in steps if not dynamics_file(step_dir(run, s), split).is_file()]
+        if missing:
+            gaps.append(f"no {split} split at step{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}")
+        ckpt = _first(run, steps, split)
+        if ckpt is None:
+            continue
+        for data_type in ("activations", "gradients"):
+            reason = ckpt.refused(data_type, split)
+            if reason and split in _read_splits(entries, (data_type,)):
+                refused.setdefault((data_type, reason), []).append(split)
+        meaning = ckpt.gradients_meaning(split)
+        if meaning != BATCH_MEAN and split in _read_splits(entries, ("gradients",)):
+            notes.append(f"{split} gradients are the {meaning}, not the batch mean")
+    refusals = [f"{d} ({', '.join(s)}) are not analysed: {reason}" for (d, reason), s in refused.items()]
+    return ([f"{'; '.join(gaps)} (no rows for those)"] if gaps else []) + refusals + notes
+
+
+def _check_gradients(runs: list[Path], names: dict, selected: dict, entries: list[_ResolvedMetric]) -> None:
+    """Refuse runs whose gradients mean different things in one analysis (pico-train's mean of uneven
+    sub-batch means beside batch means): the tidy table has no column to tell them apart."""
+    for split in _read_splits(entries, ("gradients",)) if len(runs) > 1 else ():
+        meanings = {
+            run: ckpt.gradients_meaning(split)
+            for run in runs
+            if (ckpt := _first(run, selected[run], split)) is not None
+        }
+        first = next(iter(meanings), None)
+        other = next((r for r, m in meanings.items() if m != meanings[first]), None)
+        if other is not None:
+            raise AnalysisError(
+                f"{split} gradients of {names[first]} are the {meanings[first]} and of {names[other]} the "
+                f"{meanings[other]}: comparing them would mix two quantities; analyse the runs apart, or "
+                "without gradients (data_types)"
+            )
 
 
 def _uses_sv(metric: Metric, params: dict) -> bool:
@@ -228,6 +306,11 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     if any(e.compare == "runs" and get_metric(e.spec.name).comparative for e in entries) and len(runs) < 2:
         raise SpecError("compare: 'runs' compares each run with the first, so it needs at least two --run")
     available, selected = _selected_steps(runs, spec)
+    _check_gradients(runs, names, selected, entries)
+    notes = {run: _notes(run, selected[run], entries) for run in runs}
+    for run in runs:
+        for note in notes[run]:
+            print(f"analysis: {names[run]}: {note}", file=sys.stderr)
     targets = _target_steps(entries, runs, available)
     pinned = {(run, step): Checkpoint(run, step, device, dtype) for (_, run), step in targets.items()}  # kept
 
@@ -253,6 +336,9 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
                         ref, label = ckpts[runs[0]], f"{label}@{names[runs[0]]}"
                     rows.extend(_metric_rows(names[run], ckpt, entry, ref, label))
                 bar.update()
+    empty = [run for run in runs if notes[run] and not any(r.run == names[run] for r in rows)]
+    if empty:
+        raise AnalysisError(f"nothing left to analyse in {names[empty[0]]}: {'; '.join(notes[empty[0]])}")
     for run in runs if spec.evals else ():
         for e in select_evals(eval_rows(run), spec.evals, run):
             if spec.steps == "all" or e.step in spec.steps:

@@ -2,12 +2,13 @@
 
 `analysis_runs` turns each into a local folder in pico's layout that pico.analysis reads: a pico run as it
 is, a pico-train run converted once (pico.analysis.pico_train), a Hub run downloaded (learning dynamics
-only) into the huggingface_hub cache and laid out by symlinks under `runs/hub/<owner>--<name>/<revision>`.
+only) into the huggingface_hub cache and laid out under `runs/hub/<owner>--<name>/<revision>` (pico's by
+symlinks, pico-train's converted, each split of each step from the commit that wrote it).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from pico.analysis import pico_train
 from pico.analysis.spec import AnalysisSpec
 from pico.components import COMPONENTS
 from pico.hub import api
-from pico.hub.api import Hub, HubError, check_repo_id, ref_name, steps_on_branch
+from pico.hub.api import Commit, Hub, HubError, check_repo_id, ref_name, steps_on_branch
 from pico.model.hf import CONFIG_FILE
-from pico.run_dir import DYNAMICS, model_config_file, step_dir, step_name
+from pico.run_dir import DYNAMICS, model_config_file, step_dir
 
 PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)")
 HUB_ROOT = "runs/hub"  # where Hub runs are laid out, relative to the working directory
@@ -51,55 +52,106 @@ def _steps(spec: AnalysisSpec) -> set[int] | None:
     return set(spec.steps) | {t for t in targets if isinstance(t, int)}
 
 
-def _discover(hub: Hub, repo_id: str, revision: str) -> tuple[str, dict[int, str]]:
-    """("pico" | "pico-train", step → commit id) of the run on `revision`."""
-    commits = hub.list_commits(repo_id, revision)
-    steps = steps_on_branch(commits)
-    if steps:
-        return "pico", steps
-    for commit in commits:
-        if (m := PICO_TRAIN_TITLE.fullmatch(commit.title.strip())) and int(m.group(2)) not in steps:
-            steps[int(m.group(2))] = commit.id  # the newest commit of the step holds both splits
-    if not steps:
-        raise HubError(
-            f"{repo_id}@{revision}: not a pico run (no commit titled 'step <N>' or "
-            "'Saving Learning Dynamics Data (train|val) -- Step <N>')"
-        )
-    return "pico-train", steps
+def pico_train_commits(commits: list[Commit]) -> dict[int, dict[str, Commit]]:
+    """Step → split (train, val) → the commit titled `Saving Learning Dynamics Data (<split>) -- Step <N>`
+    (the newest, if a step was committed twice)."""
+    steps = {}
+    for commit in commits:  # newest first
+        if m := PICO_TRAIN_TITLE.fullmatch(commit.title.strip()):
+            steps.setdefault(int(m.group(2)), {}).setdefault(m.group(1), commit)
+    return steps
 
 
 def fetch_run(repo_id: str, revision: str, *, needs_config: bool, steps=None, root=HUB_ROOT) -> Path:
     """Download the learning dynamics of a run on the Hub (pico's or pico-train's format) into the
     huggingface_hub cache and lay them out as a local pico run directory
     `<root>/<owner>--<name>/<revision>`; only `steps` (all when None), only learning-dynamics files,
-    plus `config.json` when `needs_config` (compound components read the head counts from it)."""
+    plus `config.json` when `needs_config` (compound components read the head counts from it; a pico-train
+    run's `training_config.yaml` gives them)."""
     hub = api.connect()
-    layout, commits = _discover(hub, repo_id, revision)
-    wanted = sorted(commits if steps is None else set(steps) & set(commits))
+    commits = hub.list_commits(repo_id, revision)
+    pico_steps, pico_train_steps = steps_on_branch(commits), pico_train_commits(commits)
+    if not pico_steps and not pico_train_steps:
+        raise HubError(
+            f"{repo_id}@{revision}: not a pico run (no commit titled 'step <N>' or "
+            "'Saving Learning Dynamics Data (train|val) -- Step <N>')"
+        )
+    found = sorted(pico_steps or pico_train_steps)
+    wanted = found if steps is None else sorted(set(steps) & set(found))
     run = Path(root) / repo_id.replace("/", "--") / ref_name(revision).replace("/", "--")
-    config = [CONFIG_FILE] if needs_config else []
-    dynamics = [f"{DYNAMICS}/*.pt", f"{DYNAMICS}/*_data/*"] if layout == "pico-train" else [f"{DYNAMICS}/*"]
-    found = 0
-    for step in wanted:
-        folder = hub.download(repo_id, commits[step], dynamics + config)
-        if not (folder / DYNAMICS).is_dir():
-            continue
-        found += 1
-        out = step_dir(run, step)
-        if layout == "pico-train":
-            where = f"{repo_id}@{commits[step]} ({step_name(step)})"
-            hf = folder / CONFIG_FILE
-            model = pico_train.hf_config(json.loads(hf.read_text())) if hf.is_file() else None
-            pico_train.convert_step(folder / DYNAMICS, out, model, where)
-        else:
-            _link(folder / DYNAMICS, out / DYNAMICS)
-            if needs_config:
-                _link(folder / CONFIG_FILE, model_config_file(out))
-    if not found:
+    if pico_steps:
+        fetched = _fetch_pico(hub, repo_id, pico_steps, wanted, run, needs_config)
+    else:
+        fetched = _fetch_pico_train(hub, repo_id, revision, pico_train_steps, wanted, run)
+    if not fetched:
         raise HubError(
             f"{repo_id}@{revision}: no learning_dynamics/ files at any of its {len(wanted)} step(s)"
         )
     return run
+
+
+def _fetch_pico(
+    hub: Hub, repo_id: str, commits: dict[int, str], wanted, run: Path, needs_config: bool
+) -> int:
+    """Link each wanted `step <N>` commit's learning_dynamics/ (and config.json) into `run`; how many had
+    learning dynamics."""
+    config = [CONFIG_FILE] if needs_config else []
+    found = 0
+    for step in wanted:
+        folder = hub.download(repo_id, commits[step], [f"{DYNAMICS}/*"] + config)
+        if not (folder / DYNAMICS).is_dir():
+            continue
+        found += 1
+        _link(folder / DYNAMICS, step_dir(run, step) / DYNAMICS)
+        if needs_config:
+            _link(folder / CONFIG_FILE, model_config_file(step_dir(run, step)))
+    return found
+
+
+def _fetch_pico_train(hub: Hub, repo_id: str, revision: str, commits: dict, wanted, run: Path) -> int:
+    """Convert each wanted step of a pico-train branch into `run`, every split from the commit that wrote
+    it; how many steps."""
+    config = hub.download(repo_id, revision, [pico_train.TRAINING_CONFIG]) / pico_train.TRAINING_CONFIG
+    if not config.is_file():
+        raise HubError(
+            f"{repo_id}@{revision}: no {pico_train.TRAINING_CONFIG} (pico-train commits it at step 0)"
+        )
+    info = pico_train.read_training_config(config)
+    eval_ids = functools.cache(lambda: pico_train.eval_batch(info.eval_data))
+    for step in wanted:
+        splits = commits[step]  # W_N is in both splits' weights: read it once, from val when there is one
+        sources = {
+            prefix: _split_files(hub, repo_id, commit, prefix, weights=prefix == "val" or "val" not in splits)
+            for prefix, commit in splits.items()
+        }
+        pico_train.convert_step(
+            sources, step_dir(run, step), info, step=step, config=config, eval_ids=eval_ids
+        )
+    return len(wanted)
+
+
+def _split_files(hub: Hub, repo_id: str, commit: Commit, prefix: str, weights: bool) -> Path:
+    """learning_dynamics/ holding split `prefix`'s files (its weights only if `weights`), downloaded at the
+    commit that wrote them. Each must have been changed by that commit: upload_folder never deletes, so the
+    tree also holds other steps' files. Exempt: `dataset_info.json`, the column schema (the same at every
+    step)."""
+    where = f"{repo_id}@{commit.id} ({commit.title.strip()!r})"
+    changed = hub.last_commits(repo_id, commit.id, DYNAMICS)
+    files = [
+        path
+        for path in sorted(changed)
+        if path.split("/")[1].startswith(f"{prefix}_")
+        and (weights or not path.endswith(f"{prefix}_weights.pt"))
+    ]
+    for path in files:
+        if changed[path] != commit.id and not path.endswith("/dataset_info.json"):
+            raise HubError(
+                f"{where}: {path} was last changed by commit {changed[path] or '(unknown)'}, not by this "
+                "one, so it holds another step's data; refusing to read it"
+            )
+    if not files:
+        raise HubError(f"{where}: no {DYNAMICS}/{prefix}_* files")
+    return hub.download(repo_id, commit.id, files) / DYNAMICS
 
 
 def _link(target: Path, link: Path) -> None:

@@ -4,6 +4,7 @@
     config.py   `HubConfig` (`checkpointing.hub`), its checks, reading it alone from a config file
     upload.py   `Uploader` (a background thread; the queue is on disk, the journal `checkpoints/hub.json`)
     resume.py   `resume_source` (`checkpointing.resume: hub | hf://...`)
+    model.py    `fetch_model` (a step's model, pico's or pico-train's, for PicoDecoder.from_pretrained)
     cli.py      `python -m pico.hub upload <run_dir> [--repo-id ID] [--branch NAME]`
 
 Every Hub request goes through `api.connect()`, looked up in pico.hub.api at each call: tests point that one
@@ -24,6 +25,7 @@ from pico.hub.api import (
 )
 from pico.hub.cli import main
 from pico.hub.config import HubConfig, check_hub_config, load_hub_config
+from pico.hub.model import fetch_model, model_steps
 from pico.hub.resume import resume_source
 from pico.hub.upload import (
     DRAIN_ATTEMPTS,
@@ -49,8 +51,10 @@ __all__ = [
     "check_hub_config",
     "check_repo_id",
     "default_branch",
+    "fetch_model",
     "load_hub_config",
     "main",
+    "model_steps",
     "parse_hf_uri",
     "published_steps",
     "read_journal",

@@ -140,6 +140,17 @@ class Hub:
         """Paths of the files at `revision`."""
         return self._call(f"{repo_id}@{revision}", self.api.list_repo_files, repo_id, revision=revision)
 
+    def last_commits(self, repo_id: str, revision: str, folder: str) -> dict[str, str]:
+        """Path → id of the commit that last changed it, for every file under `folder` at `revision`."""
+        from huggingface_hub.hf_api import RepoFile
+
+        def tree():
+            listing = self.api.list_repo_tree(repo_id, folder, recursive=True, expand=True, revision=revision)
+            return [entry for entry in listing if isinstance(entry, RepoFile)]
+
+        files = self._call(f"{repo_id}@{revision}:{folder}", tree)
+        return {f.path: f.last_commit.oid if f.last_commit else "" for f in files}
+
     def create_commit(
         self, repo_id: str, branch: str, message: str, add: dict[str, Path], delete: list[str]
     ) -> str:

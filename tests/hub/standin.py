@@ -114,6 +114,20 @@ class LocalHub:
         repo = self._load(repo_id)
         return sorted(repo["commits"][self._resolve(repo, repo_id, revision)]["files"])
 
+    def last_commits(self, repo_id: str, revision: str, folder: str) -> dict[str, str]:
+        self._enter("last_commits", repo_id, revision=revision, folder=folder)
+        repo = self._load(repo_id)
+        start, commits = self._resolve(repo, repo_id, revision), repo["commits"]
+        out = {}
+        for path, blob in commits[start]["files"].items():
+            if not path.startswith(folder.rstrip("/") + "/"):
+                continue
+            commit = start  # walk back while the parent holds the same blob: git's "last changed by"
+            while commits[commit]["parent"] and commits[commits[commit]["parent"]]["files"].get(path) == blob:
+                commit = commits[commit]["parent"]
+            out[path] = commit
+        return out
+
     def _blob(self, repo_id: str, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         (self._repo_dir(repo_id) / "blobs" / sha).write_bytes(data)
