@@ -13,18 +13,11 @@ from typing import Literal
 
 import yaml
 
-from pico.errors import PicoError
+from pico.errors import ConfigError
 from pico.evaluation import TASK_NAMES, TaskSpec
 from pico.metrics import get_metric
 from pico.model.config import PicoDecoderConfig
 from pico.run_dir import DEFAULT_LAYERS
-
-
-class ConfigError(PicoError, ValueError):
-    """A bad configuration value; the message names the offending key."""
-
-    kind = "config error"
-
 
 # The `model` section: `preset` plus every PicoDecoderConfig field as an optional override, derived from
 # PicoDecoderConfig so that a new model field is one edit there.
