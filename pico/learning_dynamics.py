@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import pico
 from pico.distributed import is_main, world_size
+from pico.errors import AnalysisError
 from pico.run_dir import SPLITS, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
@@ -123,8 +124,8 @@ def write_learning_dynamics(
 def open_dynamics(path: Path, device: str = "cpu"):
     """A lazy safetensors handle on a learning-dynamics file; a missing or unreadable file names itself."""
     if not path.is_file():
-        raise ValueError(f"{path}: missing")
+        raise AnalysisError(f"{path}: missing")
     try:
         return safe_open(path, framework="pt", device=device)
     except Exception as e:  # safetensors raises its own error types without the path
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise AnalysisError(f"{path}: not a readable safetensors file ({e})") from None

@@ -9,6 +9,7 @@ import json
 import torch
 
 from pico.components import get_component
+from pico.errors import AnalysisError
 from pico.learning_dynamics import open_dynamics
 from pico.metrics import SingularValues, singular_values
 from pico.run_dir import MODEL, dynamics_file, parse_key, step_dir, tensor_key
@@ -42,7 +43,7 @@ class Checkpoint:
         if (file, key) not in self._tensors:
             handle = self._file(file)
             if key not in handle.keys():
-                raise ValueError(f"{dynamics_file(self.dir, file)}: no tensor {key!r}")
+                raise AnalysisError(f"{dynamics_file(self.dir, file)}: no tensor {key!r}")
             self._tensors[file, key] = self._read(handle, file, key).to(self.dtype)
         return self._tensors[file, key]
 
@@ -50,7 +51,7 @@ class Checkpoint:
         try:
             return handle.get_tensor(key)
         except Exception as e:  # safetensors' own errors do not name the file
-            raise ValueError(f"{dynamics_file(self.dir, file)}: cannot read {key!r} ({e})") from None
+            raise AnalysisError(f"{dynamics_file(self.dir, file)}: cannot read {key!r} ({e})") from None
 
     def input_ids(self, split: str) -> torch.Tensor | None:
         """The split's input_ids, or None when the file has none."""
@@ -67,7 +68,7 @@ class Checkpoint:
         if self._config is None:
             path = self.dir / MODEL / "config.json"
             if not path.is_file():
-                raise ValueError(f"{path}: missing (compound components read n_heads from it)")
+                raise AnalysisError(f"{path}: missing (compound components read n_heads from it)")
             self._config = json.loads(path.read_text())
         return self._config
 

@@ -19,6 +19,7 @@ from pico.analysis.spec import (
 )
 from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
+from pico.errors import AnalysisError
 from pico.metrics import Metric, get_metric
 from pico.run_dir import list_steps, module_matches
 
@@ -100,12 +101,12 @@ def _selections(ckpt: Checkpoint, comp: ComponentSpec, data_type: str, split: st
             key=lambda p: -1 if p[0] is None else p[0],
         )
     if not pairs:
-        raise ValueError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
+        raise AnalysisError(f"{ckpt.dir}: no captured {data_type} for component {comp.name!r}")
     if comp.layers is None:
         return pairs
     missing = set(comp.layers) - {layer for layer, _ in pairs}
     if missing:
-        raise ValueError(
+        raise AnalysisError(
             f"{ckpt.dir}: component {comp.name!r} has no layer {min(missing)} "
             f"(captured layers: {[layer for layer, _ in pairs]})"
         )
@@ -140,7 +141,7 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
             if ref is not None and split is not None:
                 ids, ref_ids = ckpt.input_ids(split), ref.input_ids(split)
                 if ids is not None and ref_ids is not None and not torch.equal(ids, ref_ids):
-                    raise ValueError(
+                    raise AnalysisError(
                         f"{task.spec.label}: {split} input_ids of {ckpt.dir} and {ref.dir} differ, "
                         "so their activations describe different samples"
                     )
@@ -167,13 +168,13 @@ def _task_rows(run: str, ckpt: Checkpoint, task: _Task, ref: Checkpoint | None, 
                                 if shares_sv
                                 else None,
                             )
-                        except ValueError as e:
+                        except AnalysisError as e:  # a metric or component refused the tensor
                             where = " ".join(
                                 str(p)
                                 for p in (ckpt.dir, split, data_type, module or comp.name)
                                 if p is not None
                             )
-                            raise ValueError(f"{where}: {e}") from None
+                            raise AnalysisError(f"{where}: {e}") from None
                         rows.append(
                             Row(run, ckpt.step, split, data_type, comp.name, layer, head, label, value)
                         )
@@ -185,7 +186,9 @@ def run_names(runs) -> list[str]:
     names = [Path(r).resolve().name for r in runs]
     for name in names:
         if names.count(name) > 1:
-            raise ValueError(f"two runs are both named {name!r}; the run column needs distinct folder names")
+            raise AnalysisError(
+                f"two runs are both named {name!r}; the run column needs distinct folder names"
+            )
     return names
 
 
@@ -214,7 +217,9 @@ def _selected_steps(runs: list[Path], spec: AnalysisSpec) -> tuple[dict, dict]:
     for run in runs:
         missing = [] if spec.steps == "all" else sorted(set(spec.steps) - set(available[run]))
         if missing:
-            raise ValueError(f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})")
+            raise AnalysisError(
+                f"{run}: no step {missing[0]} with learning_dynamics (steps: {available[run]})"
+            )
         selected[run] = available[run] if spec.steps == "all" else list(spec.steps)
     return available, selected
 
@@ -227,7 +232,7 @@ def _target_steps(tasks: list[_Task], runs: list[Path], available: dict) -> dict
             for run in runs:
                 target = available[run][-1] if task.target_step == "last" else task.target_step
                 if target not in available[run]:
-                    raise ValueError(
+                    raise AnalysisError(
                         f"{run}: target_step {target} has no learning_dynamics (steps: {available[run]})"
                     )
                 targets[i, run] = target
@@ -242,7 +247,7 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     spec = spec if isinstance(spec, AnalysisSpec) else parse_spec(DEFAULT_SPEC if spec is None else spec)
     runs = [Path(r) for r in runs]
     if not runs:
-        raise ValueError("analyze: no run directories given")
+        raise AnalysisError("analyze: no run directories given")
     names = dict(zip(runs, run_names(runs)))
     device, dtype = compute_device(spec.device, spec.dtype)
     tasks = _tasks(spec)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pico.analysis.table import Rows
+from pico.errors import AnalysisError
 from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, step_dir
 
 
@@ -30,14 +31,14 @@ def read_evals(path, run: str = "") -> list[EvalRow]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable eval.json ({e})") from None
+        raise AnalysisError(f"{path}: not a readable eval.json ({e})") from None
     if not isinstance(raw, dict) or type(raw.get("step")) is not int:
-        raise ValueError(f"{path}: expected an object with an integer 'step'")
+        raise AnalysisError(f"{path}: expected an object with an integer 'step'")
     rows = []
 
     def numbers(task: str, subset: str | None, metrics) -> None:
         if not isinstance(metrics, dict):
-            raise ValueError(f"{path}: {task}{'/' + subset if subset else ''} is not an object of metrics")
+            raise AnalysisError(f"{path}: {task}{'/' + subset if subset else ''} is not an object of metrics")
         for name, value in metrics.items():
             if name not in _COUNTS + _GROUPS + ("error",) and isinstance(value, (int, float)):
                 rows.append(EvalRow(run, raw["step"], task, subset, name, float(value)))
@@ -50,7 +51,7 @@ def read_evals(path, run: str = "") -> list[EvalRow]:
         for group in _GROUPS:
             subsets = metrics.get(group, {})
             if not isinstance(subsets, dict):
-                raise ValueError(f"{path}: {task}.{group} is not an object of subsets")
+                raise AnalysisError(f"{path}: {task}.{group} is not an object of subsets")
             for subset, sub in subsets.items():
                 numbers(task, subset, sub)
     return rows
@@ -60,7 +61,7 @@ def eval_rows(run_dir) -> Rows:
     """The rows of every `step_<N>/eval.json` of a run, by step ([] when the run has none)."""
     run_dir = Path(run_dir)
     if not checkpoints_dir(run_dir).is_dir():
-        raise ValueError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
+        raise AnalysisError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
     try:
         steps = list_steps(run_dir, require=EVAL)
     except ValueError:  # no step has an eval.json
@@ -86,7 +87,7 @@ def select_evals(rows: list[EvalRow], selectors, where) -> Rows:
     for i, selector in enumerate(selectors):
         if not any(_matches(row, selector) for row in rows):
             held = sorted({f"{r.task}/{r.metric}" for r in rows if r.subset is None})
-            raise ValueError(
+            raise AnalysisError(
                 f"{where}: evals[{i}] {selector!r} matches nothing in its eval.json files "
                 f"({'they hold ' + ', '.join(held) if held else 'there are none'})"
             )

@@ -3,6 +3,7 @@ training."""
 
 import torch
 
+from pico.errors import ConfigError
 from pico.learning_dynamics import SplitDynamics
 from pico.metrics import get_metric
 
@@ -13,12 +14,12 @@ def in_situ_scalars(
     """Each single-input metric on each captured tensor of the data types it suits (its
     `register_metric(data_types=...)`), tagged `dynamics/<metric>/<split>/<data_type>/<module>`.
 
-    Weights are tagged under the train split. Comparative or unknown metrics raise a one-line ValueError.
+    Weights are tagged under the train split. Comparative or unknown metrics raise a one-line ConfigError.
     """
     chosen = [get_metric(name) for name in metrics]
     for metric in chosen:
         if metric.comparative:
-            raise ValueError(
+            raise ConfigError(
                 f"learning_dynamics.metrics: {metric.name!r} compares two tensors; in-situ metrics "
                 "take one (per, condition_number, gini, hoyer, norm, ...); compare checkpoints "
                 "with pico.analysis"

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 import pico
+from pico.errors import AnalysisError
 from pico.run_dir import CHECKPOINTS, DYNAMICS, MODEL, dynamics_file, step_dir, tensor_key
 
 SPLITS = {"train": "train", "val": "eval"}  # pico-train prefix → pico split
@@ -59,16 +60,16 @@ def load_pt(path: Path) -> dict[str, torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
-        raise ValueError(
+        raise AnalysisError(
             f"{path}: holds objects torch.load(weights_only=True) refuses to unpickle ({first})"
         ) from None
     except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable torch.save file ({e})".splitlines()[0]) from None
+        raise AnalysisError(f"{path}: not a readable torch.save file ({e})".splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of module name → tensor, got {type(data).__name__}")
+        raise AnalysisError(f"{path}: expected a dict of module name → tensor, got {type(data).__name__}")
     for name, value in data.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+            raise AnalysisError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
     return strip_prefix(data, path)
 
 
@@ -78,7 +79,7 @@ def strip_prefix(tensors: dict[str, torch.Tensor], where) -> dict[str, torch.Ten
     prefixes = {name[: m.start(1)] if (m := _LAYER.search(name)) else None for name in tensors}
     if None in prefixes or len(prefixes) > 1:
         odd = sorted(n for n in tensors if not _LAYER.search(n)) or sorted(tensors)
-        raise ValueError(
+        raise AnalysisError(
             f"{where}: module names without a common prefix before layers.<i>. (e.g. {odd[0]!r})"
         )
     (prefix,) = prefixes or {""}
@@ -100,7 +101,7 @@ def hf_config(config: dict) -> dict:
             "vocab_size": config.get("vocab_size"),
         }
     except KeyError as e:
-        raise ValueError(f"pico-train model config has no {e.args[0]!r}") from None
+        raise AnalysisError(f"pico-train model config has no {e.args[0]!r}") from None
 
 
 def _input_ids(folder: Path) -> torch.Tensor | None:
@@ -112,7 +113,7 @@ def _input_ids(folder: Path) -> torch.Tensor | None:
     try:
         return torch.tensor(load_from_disk(str(folder))["input_ids"], dtype=torch.int32)
     except Exception as e:  # datasets raises many types for a broken folder
-        raise ValueError(
+        raise AnalysisError(
             f"{folder}: cannot read input_ids ({type(e).__name__}: {e})".splitlines()[0]
         ) from None
 
@@ -121,7 +122,7 @@ def _check(path: Path, kind: str, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.dim() != 2:
             shape = "(N, out_features)" if kind == "activations" else "(out_features, in_features)"
-            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
+            raise AnalysisError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
 
 
 def convert_step(
@@ -154,7 +155,7 @@ def convert_step(
     if weights:
         files["weights"] = {tensor_key("weights", n): t.contiguous() for n, t in weights.items()}
     if "weights" not in files:
-        raise ValueError(f"{where}: no {{train,val}}_weights.pt in {ld_dir}")
+        raise AnalysisError(f"{where}: no {{train,val}}_weights.pt in {ld_dir}")
     for name in sorted(files, key=lambda n: n == "weights"):  # weights last: it marks the step converted
         path = dynamics_file(out_step, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,13 +177,13 @@ def as_pico_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     steps = _steps(run_dir)
     if not steps:
-        raise ValueError(f"{run_dir}: no checkpoints/step_<N>/{DYNAMICS}/*.pt files of pico-train")
+        raise AnalysisError(f"{run_dir}: no checkpoints/step_<N>/{DYNAMICS}/*.pt files of pico-train")
     config, model = run_dir / TRAINING_CONFIG, None
     if config.is_file():
         try:
             model = hf_config((yaml.safe_load(config.read_text()) or {}).get("model") or {})
         except (ValueError, yaml.YAMLError, AttributeError) as e:
-            raise ValueError(f"{config}: {e}".splitlines()[0]) from None
+            raise AnalysisError(f"{config}: {e}".splitlines()[0]) from None
     out = run_dir / LAYOUT / run_dir.resolve().name
     for step, path in sorted(steps.items()):
         convert_step(path / DYNAMICS, step_dir(out, step), model, path, step)

@@ -18,6 +18,7 @@ from pico.analysis.compute import compute_device
 from pico.analysis.evals import eval_rows
 from pico.analysis.table import Rows
 from pico.components import get_component
+from pico.errors import AnalysisError
 from pico.run_dir import DATA_TYPES, SPLITS, list_steps
 
 
@@ -37,18 +38,18 @@ class Run:
     def checkpoint(self, step: int) -> Checkpoint:
         """The Checkpoint of `step`; the one last read is kept, so reading many modules of a step is cheap."""
         if step not in self.steps:
-            raise ValueError(f"{self.path}: no step {step} with learning_dynamics (steps: {self.steps})")
+            raise AnalysisError(f"{self.path}: no step {step} with learning_dynamics (steps: {self.steps})")
         if self._checkpoint is None or self._checkpoint.step != step:
             self._checkpoint = Checkpoint(self.path, step, self.device, self.dtype)
         return self._checkpoint
 
     def _split(self, data_type: str, split: str | None) -> str | None:
         if data_type not in DATA_TYPES:
-            raise ValueError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
+            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
         if data_type == "weights":
             return None
         if split not in SPLITS:
-            raise ValueError(f"{data_type} need split= one of {list(SPLITS)}, got {split!r}")
+            raise AnalysisError(f"{data_type} need split= one of {list(SPLITS)}, got {split!r}")
         return split
 
     def modules(self, data_type: str, split: str | None = None, step: int | None = None) -> list[str]:
@@ -69,7 +70,7 @@ class Run:
         component, split = get_component(name), self._split(data_type, split)
         if data_type not in component.data_types:
             has = ", ".join(component.data_types)
-            raise ValueError(f"component {name!r} has no {data_type} (it has {has})")
+            raise AnalysisError(f"component {name!r} has no {data_type} (it has {has})")
         return self.checkpoint(step).component(name, layer, data_type, split)
 
     def evals(self) -> Rows:
