@@ -147,7 +147,9 @@ def test_suffix_matching_and_errors():
 def test_activation_checkpointing_records_each_forward_once():
     model, rows = tiny_model(), batch()
     reference = copy.deepcopy(model)
-    model = parallelize(model, "ddp", world_size=1, device=torch.device("cpu"), activation_checkpointing=True)
+    model = parallelize(
+        model, strategy="ddp", world_size=1, device=torch.device("cpu"), activation_checkpointing=True
+    )
     assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
     with capture(model, LAYERS) as cap:
         train_step(model, rows, micro_batch_size=4)  # backward re-runs each block's forward

@@ -107,7 +107,9 @@ def _on_two_ranks(strategy: str, model_dir: str, task_specs: list[TaskSpec], exp
     import torch.distributed as dist
 
     tasks = load_tasks(task_specs, model_dir, SEQ_LEN)
-    model = parallelize(from_pretrained(model_dir), strategy, 2, torch.device("cpu"))
+    model = parallelize(
+        from_pretrained(model_dir), strategy=strategy, world_size=2, device=torch.device("cpu")
+    )
     results = evaluate_tasks(model, tasks, torch.device("cpu"))
     gathered = [None, None]
     dist.all_gather_object(gathered, results)

@@ -49,7 +49,7 @@ def _sharded(strategy):
             [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") for x, y in batches]
         ).double()
     rank = dist.get_rank()
-    model = parallelize(model, strategy, 2, torch.device("cpu"))
+    model = parallelize(model, strategy=strategy, world_size=2, device=torch.device("cpu"))
     result = perplexity(model, batches[rank::2], torch.device("cpu"))
     assert result["tokens"] == reference.numel()
     assert math.isclose(result["loss"], reference.mean().item(), rel_tol=1e-6)
@@ -65,7 +65,7 @@ def _no_stale_weights_after_eval():
 
     def run(evaluate):
         model, batches = model_and_batches()
-        model = parallelize(model, "fsdp", 2, torch.device("cpu"))
+        model = parallelize(model, strategy="fsdp", world_size=2, device=torch.device("cpu"))
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses = []
         for x, y in batches[:2]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pico.capture import capture_weights
 from pico.checkpoint import export_model
-from pico.config import ConfigError
+from pico.config import ConfigError, load_config
 from pico.training import captured_step, train_step
 from tests.recipes.common import LAYERS, MODEL, ROOT, SEQ, VOCAB, launch
 from tests.recipes.test_pretrain import losses, overrides, weights
@@ -33,7 +33,7 @@ RELORA = [
 
 
 def config(*extra):
-    return relora.load_config(None, [*MODEL, f"data.seq_len={SEQ}", *RELORA, *extra])
+    return load_config(None, [*MODEL, f"data.seq_len={SEQ}", *RELORA, *extra], cls=lora.ReLoRARunConfig)
 
 
 def tiny(*extra, seed=3):
@@ -177,7 +177,7 @@ def test_bad_relora_config_names_the_key():
             config(override)
         assert str(err.value).startswith(message), (override, str(err.value))
     with pytest.raises(
-        ValueError, match=r"relora.target_modules: no nn.Linear of PicoDecoder ends with 'swiglu.w_9'"
+        ConfigError, match=r"relora.target_modules: no nn.Linear of PicoDecoder ends with 'swiglu.w_9'"
     ):
         tiny("relora.target_modules=[swiglu.w_9]")
 
