@@ -7,13 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pico.errors import PicoError
-
-
-class TaskError(PicoError, ValueError):
-    """A task cannot be loaded or scored; the one-line message names the task, the file and the row."""
-
-    kind = "evaluation error"
+from pico.evaluation.task import TaskError
 
 
 class Encoder:

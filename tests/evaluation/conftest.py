@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pico.data.demo import train_tokenizer
-from pico.evaluation.tasks import TRUTHFULQA_PRIMER
+from pico.evaluation.choice import TRUTHFULQA_PRIMER
 from pico.model import PicoDecoder, PicoDecoderConfig
 from pico.model.hf import save_tokenizer, special_token_ids
 

@@ -70,7 +70,7 @@ def test_tasks_run_at_every_checkpoint(data, tmp_path):
     "entry, message",
     [
         ("{name: blimp, path: MISSING}", "evaluation error: blimp"),
-        ("[blimpp]", "config error: evaluation.tasks[0].name: unknown task 'blimpp'"),
+        ("[blimpp]", "config error: evaluation.tasks[0]: unknown task 'blimpp'"),
     ],
 )
 def test_bad_task_fails_before_step_0(data, tmp_path, entry, message):
