@@ -7,18 +7,11 @@ import torch.nn.functional as F
 
 from pico.distributed import parallelize
 from pico.evaluation import perplexity
-from pico.model import PicoDecoder, PicoDecoderConfig
+from pico.model import PicoDecoder
 from tests.distributed import run_distributed_test
+from tests.tiny import model_config
 
-CFG = PicoDecoderConfig(
-    d_model=32,
-    n_layers=2,
-    attention_n_heads=4,
-    attention_n_kv_heads=2,
-    activation_hidden_dim=64,
-    vocab_size=64,
-    max_seq_len=16,
-)
+CFG = model_config(max_seq_len=16)
 
 
 def model_and_batches(n_batches=4, batch=2):

@@ -11,7 +11,8 @@ import pico.hub
 from pico.hub import read_journal
 from pico.run_dir import step_dir
 from tests.hub.standin import LocalHub
-from tests.recipes.common import MODEL, ROOT, SEQ, write_shards
+from tests.recipes.common import ROOT
+from tests.tiny import tiny_run, write_shards
 
 REPO = "me/pico-runs"
 LAUNCH = ROOT / "tests" / "hub" / "launch.py"
@@ -31,19 +32,7 @@ def standin(tmp_path):
 
 def train(standin, data, run_dir, steps, *extra, check=True):
     """The recipe in a subprocess, its pico.hub talking to `standin`."""
-    args = [
-        *MODEL,
-        f"data.path={data}",
-        f"data.seq_len={SEQ}",
-        "data.batch_size=4",
-        "data.micro_batch_size=2",
-        f"training.max_steps={steps}",
-        "training.warmup_steps=1",
-        f"checkpointing.run_dir={run_dir}",
-        "checkpointing.save_every=2",
-        "logging.log_every=1",
-        *extra,
-    ]
+    args = tiny_run(data, run_dir, "training.warmup_steps=1", *extra, steps=steps, batch_size=4, save_every=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(LAUNCH), str(standin.root), "recipes/pretrain.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -14,8 +14,9 @@ from pico.capture import capture_weights
 from pico.checkpoint import export_model
 from pico.config import ConfigError, load_config
 from pico.training import captured_step, train_step
-from tests.recipes.common import LAYERS, MODEL, ROOT, SEQ, VOCAB, launch
+from tests.recipes.common import ROOT, launch
 from tests.recipes.test_pretrain import losses, overrides, weights
+from tests.tiny import LAYERS, MODEL, SEQ, VOCAB, shards
 
 sys.path.insert(0, str(ROOT / "recipes"))  # as `python recipes/relora.py` runs: its sibling modules import
 relora = importlib.import_module("relora")
@@ -205,10 +206,7 @@ def run_args(data, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.recipes.common import write_shards
-
-    root = tmp_path_factory.mktemp("data")
-    return write_shards(root / "train", 160, seed=1), write_shards(root / "eval", 24, seed=2, files=1)
+    return shards(tmp_path_factory.mktemp("data"), 160, 24)
 
 
 @pytest.fixture(scope="module")
