@@ -8,6 +8,7 @@ import torch._dynamo
 
 from pico.capture import capture, capture_weights
 from pico.distributed import parallelize
+from pico.errors import ConfigError
 from tests.capture.common import LAYERS, SEQ, batch, global_mean_loss, tiny_model, train_step
 
 
@@ -126,13 +127,13 @@ def test_suffix_matching_and_errors():
             "layers.1.attention.v_proj",
             "layers.1.swiglu.w_2",
         ]
-    with pytest.raises(ValueError, match="'proj'"):  # suffixes match whole dot-separated parts only
+    with pytest.raises(ConfigError, match="'proj'"):  # suffixes match whole dot-separated parts only
         with capture(model, ["proj"]):
             pass
-    with pytest.raises(ValueError, match="'attention.nope'"):
+    with pytest.raises(ConfigError, match="'attention.nope'"):
         with capture(model, ["attention.v_proj", "attention.nope"]):
             pass
-    with pytest.raises(ValueError, match="positions='first'"):
+    with pytest.raises(ConfigError, match="positions='first'"):
         with capture(model, LAYERS, positions="first"):
             pass
     assert hooks(model) == 0
