@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pico.distributed import full_tensor, gather_rows, unwrap
+from pico.errors import ConfigError
 from pico.learning_dynamics import POSITIONS
 from pico.run_dir import DEFAULT_LAYERS, module_matches
 
@@ -39,7 +40,7 @@ def find_modules(model: nn.Module, layers) -> dict[str, nn.Module]:
             found[clean] = module  # pre-order: a wrapper's inner module comes later and wins
     for suffix in layers:
         if not any(module_matches(name, suffix) for name in found):
-            raise ValueError(
+            raise ConfigError(
                 f"learning_dynamics.layers: no module of {type(root).__name__} ends with {suffix!r} "
                 f"(module names look like {next(iter(_leaf_names(root)), '<none>')!r})"
             )
@@ -54,7 +55,9 @@ def _leaf_names(root: nn.Module):
 def _weight(name: str, module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"module {name} ({type(module).__name__}) has no weight tensor to capture")
+        raise ConfigError(
+            f"learning_dynamics.layers: module {name} ({type(module).__name__}) has no weight to capture"
+        )
     return weight
 
 
@@ -95,9 +98,9 @@ class Capture:
                 return
             out = output.detach()  # (mb, T, out)
             if out.dim() != 3:
-                raise ValueError(
-                    f"capture expects module outputs of shape (batch, seq, features); "
-                    f"{name} returned {tuple(out.shape)}"
+                raise ConfigError(
+                    f"learning_dynamics.layers: capture expects module outputs of shape (batch, seq, "
+                    f"features); {name} returned {tuple(out.shape)}"
                 )
             out = out[:, -1, :] if self.positions == "last" else out.reshape(-1, out.shape[-1])
             self.records[name].append(out.clone())  # (mb, out) or (mb·T, out)
@@ -162,7 +165,7 @@ def capture(model: nn.Module, layers=DEFAULT_LAYERS, positions: str = "last"):
     effective weight is captured through it (docs/learning_dynamics.md, "Modules with an effective weight").
     """
     if positions not in POSITIONS:
-        raise ValueError(f"learning_dynamics.positions={positions!r} is not one of {POSITIONS}")
+        raise ConfigError(f"learning_dynamics.positions={positions!r} is not one of {POSITIONS}")
     cap = Capture(find_modules(model, layers), positions)
     with ExitStack() as stack:
         for name, module in cap.modules.items():
@@ -184,12 +187,12 @@ def capture_weights(
 
 def check_capture(model: nn.Module, ld, world_size: int) -> None:
     """Check a `learning_dynamics:` section against the model before step 0: every layer suffix names a
-    module and the eval batch splits evenly over the ranks; a one-line ValueError names the key."""
+    module and the eval batch splits evenly over the ranks; a one-line ConfigError names the key."""
     if not ld.enabled:
         return
     find_modules(model, ld.layers)
     if ld.eval_data and ld.eval_batch_size % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible by "
             f"the world size {world_size}"
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pico.errors import AnalysisError, ConfigError
 from pico.run_dir import DATA_TYPES
 
 
@@ -44,24 +45,24 @@ def register_component(name: str, *, modules, per_head: bool = False, data_types
 
 
 def get_component(name: str) -> Component:
-    """The registered compound component called `name`; a ValueError listing the known names otherwise."""
+    """The registered compound component called `name`; a ConfigError listing the known names otherwise."""
     if name not in COMPONENTS:
-        raise ValueError(f"unknown component {name!r}; registered: {', '.join(sorted(COMPONENTS))}")
+        raise ConfigError(f"unknown component {name!r}; registered: {', '.join(sorted(COMPONENTS))}")
     return COMPONENTS[name]
 
 
 def _head_shapes(w_v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[int, int]:
     """(d_model, d_head) from nn.Linear weights w_v (n_kv*d_head, d_model), w_o (d_model, n_heads*d_head)."""
     if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+        raise AnalysisError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     d_model, inner = w_o.shape
     if inner % n_heads:
-        raise ValueError(
+        raise AnalysisError(
             f"w_o {tuple(w_o.shape)} has {inner} input features, not a multiple of n_heads={n_heads}"
         )
     d_head = inner // n_heads
     if tuple(w_v.shape) != (n_kv_heads * d_head, d_model):
-        raise ValueError(
+        raise AnalysisError(
             f"w_v {tuple(w_v.shape)} does not match w_o {tuple(w_o.shape)}: expected "
             f"({n_kv_heads * d_head}, {d_model}) for n_heads={n_heads}, n_kv_heads={n_kv_heads}"
         )
@@ -90,7 +91,7 @@ def ov_activations(v: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv_heads:
     """Value vectors v (N, n_kv*d_head) written through each head's W_O slice: (n_heads, N, d_model)."""
     n, d_head = v.shape[0], w_o.shape[1] // n_heads
     if n_heads % n_kv_heads or w_o.shape[1] % n_heads or v.shape[1] != n_kv_heads * d_head:
-        raise ValueError(
+        raise AnalysisError(
             f"v {tuple(v.shape)} and w_o {tuple(w_o.shape)} do not fit n_heads={n_heads}, "
             f"n_kv_heads={n_kv_heads}"
         )
@@ -102,7 +103,7 @@ def _heads(config: dict) -> tuple[int, int]:
     try:
         n_heads = int(config["num_attention_heads"])
     except KeyError:
-        raise ValueError("model config.json has no 'num_attention_heads'") from None
+        raise AnalysisError("model config.json has no 'num_attention_heads'") from None
     return n_heads, int(config.get("num_key_value_heads", n_heads))
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 
 from pico.config_loader import ConfigError, build, load_tree, section
-from pico.evaluation import TASK_NAMES, TaskSpec
+from pico.evaluation import TaskError, TaskSpec, check_specs
 from pico.hub.config import HubConfig, check_hub_config
 from pico.metrics import METRICS
 from pico.model.config import PicoDecoderConfig
@@ -180,22 +180,15 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_evaluation(e: EvaluationConfig) -> None:
-    """Task names are known and configured once; limits and batch sizes are positive."""
-    for i, task in enumerate(e.tasks):
-        if task.name not in TASK_NAMES:
-            raise ConfigError(
-                f"evaluation.tasks[{i}].name: unknown task {task.name!r} (known: {', '.join(TASK_NAMES)})"
-            )
-        if [t.name for t in e.tasks].count(task.name) > 1 or (task.name == "paloma" and e.data):
-            raise ConfigError(
-                f"evaluation.tasks[{i}]: {task.name} is configured twice"
-                + (" (evaluation.data is the paloma task)" if e.data else "")
-            )
-        for key in ("limit", "batch_size"):
-            if getattr(task, key) is not None and getattr(task, key) < 1:
-                raise ConfigError(f"evaluation.tasks[{i}].{key}: must be positive, got {getattr(task, key)}")
+    """max_batches is positive; task names are registered and configured once, limits and batch sizes
+    positive (the evaluation package's `check_specs`, naming the config key)."""
     if e.max_batches is not None and e.max_batches < 1:
         raise ConfigError(f"evaluation.max_batches: must be positive or null, got {e.max_batches}")
+    keys = ["evaluation.data"] * bool(e.data) + [f"evaluation.tasks[{i}]" for i in range(len(e.tasks))]
+    try:
+        check_specs(e.task_specs(world_size=1), keys)  # evaluation.data is the paloma task
+    except TaskError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_learning_dynamics(ld: LearningDynamicsConfig) -> None:

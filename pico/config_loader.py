@@ -15,13 +15,7 @@ from typing import Literal
 
 import yaml
 
-from pico.errors import PicoError
-
-
-class ConfigError(PicoError, ValueError):
-    """A bad configuration value; the message names the offending key."""
-
-    kind = "config error"
+from pico.errors import ConfigError
 
 
 def load_tree(

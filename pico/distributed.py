@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from pico.errors import ConfigError
 from pico.lifecycle import die_with_parent
 
 
@@ -51,12 +53,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         die_with_parent()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = resolve_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -65,6 +64,23 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             device_id=device if device.type == "cuda" else None,
         )
     return DistInfo(rank, world_size, device)
+
+
+def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
+    """The torch device that `name` (auto, cpu, cuda or cuda:N) means for this process; the one parser of
+    device names. auto is cuda when torch sees a GPU, else cpu; cuda is this process's GPU: cuda:LOCAL_RANK
+    under a launcher, else the current one. A bad name, or cuda without a GPU, raises a ConfigError that
+    starts with `key` (the option or config key it came from)."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {name} asked for, but torch sees no CUDA GPU")
+    if name == "cuda":
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank) if local_rank else torch.cuda.current_device())
+    return torch.device(name)
 
 
 def resolve_strategy(strategy: str, world_size: int, device: torch.device) -> str:
@@ -78,16 +94,20 @@ def resolve_strategy(strategy: str, world_size: int, device: torch.device) -> st
 
 def parallelize(
     model: nn.Module,
+    *,
     strategy: str,
     world_size: int,
     device: torch.device,
     precision: str = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    ddp_options: dict | None = None,
 ) -> nn.Module:
     """Apply activation checkpointing, per-block compile, then DDP or FSDP2 (per block, then root).
 
     `model` must have its weights materialised on `device` and expose its blocks as `model.layers`.
+    `ddp_options` are more keyword arguments of DistributedDataParallel (strategy ddp only), e.g.
+    `{"find_unused_parameters": True}` for a model whose steps leave some parameters unused.
     Returns the model to train (a DDP wrapper for `ddp`, the same module otherwise).
     """
     strategy = resolve_strategy(strategy, world_size, device)
@@ -100,7 +120,8 @@ def parallelize(
         for block in model.layers:
             block.compile()
     if strategy == "ddp":
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, **(ddp_options or {}))
     if strategy == "fsdp":
         mp = None
         if precision == "bf16-mixed":
@@ -112,7 +133,7 @@ def parallelize(
         fully_shard(model, **kwargs)
         return model
     if strategy != "single":
-        raise ValueError(f"training.strategy: unknown strategy {strategy!r} (expected auto, ddp or fsdp)")
+        raise ConfigError(f"training.strategy: unknown strategy {strategy!r} (expected auto, ddp or fsdp)")
     return model
 
 

@@ -2,7 +2,8 @@
 
 Every error that bad input can cause (a config key, a data file, a checkpoint, the Hub, a task file) is a
 `PicoError` whose message names the culprit; its `kind` starts the line. Anything else that escapes a
-recipe is a bug in pico or in the fork, and keeps its traceback.
+recipe is a bug in pico or in the fork, and keeps its traceback. A leaf module: it imports nothing from pico,
+so that every module may raise these.
 """
 
 from __future__ import annotations
@@ -17,9 +18,25 @@ class PicoError(Exception):
     kind = "error"
 
 
+class ConfigError(PicoError, ValueError):
+    """A bad configuration value (a config key, a command-line option); the message names the key."""
+
+    kind = "config error"
+
+
+class AnalysisError(PicoError, ValueError):
+    """A tensor a metric or component cannot measure, or a metric parameter out of range; the message
+    names the metric or component and the shape."""
+
+    kind = "analysis error"
+
+
 @contextlib.contextmanager
 def exit_on():
-    """Turn a PicoError raised in the block into one line `<kind>: <message>` on stderr and exit code 2."""
+    """Turn a PicoError raised in the block into one line `<kind>: <message>` on stderr and exit code 2.
+
+    Also a decorator (`@exit_on()`), as every context manager made by contextlib is.
+    """
     try:
         yield
     except PicoError as e:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pico.analysis.in_situ import in_situ_scalars
 from pico.distributed import is_main
 from pico.evaluation import flat_metrics, format_results
 from pico.run_dir import TENSORBOARD
@@ -66,6 +66,12 @@ class TrainLogger:
         for line in format_results(results):
             self.print(f"eval  {step:>6} | {line}")
 
+    def dynamics(self, step: int, dynamics: dict, weights: dict | None, metrics: list[str]) -> None:
+        """Log the in-situ `metrics` of a checkpoint's captured tensors (`dynamics/*`, computed on rank 0):
+        `dynamics` maps a split to its SplitDynamics, `weights` module names to tensors."""
+        if self.is_main:
+            self.scalars(step, in_situ_scalars(dynamics, weights, metrics))
+
     def checkpoint(
         self, step: int, blocking_seconds: float, eval_seconds: float, written: dict[int, float]
     ) -> None:
@@ -119,16 +125,3 @@ class TrainLogger:
         """Flush and close the tensorboard writer."""
         if self.writer is not None:
             self.writer.close()
-
-
-@contextlib.contextmanager
-def exit_on(prefix: str, *errors: type[BaseException]):
-    """Turn `errors` raised in the block into one line `<prefix>: <message>` on stderr and exit code 2."""
-    try:
-        yield
-    except errors as e:
-        # One write per line: the ranks under a launcher share stderr, and print() writes the newline
-        # apart, so two ranks' lines interleaved (the first line must be the cause, docs/configuration.md).
-        sys.stderr.write(f"{prefix}: {e}\n")
-        sys.stderr.flush()
-        sys.exit(2)

@@ -37,12 +37,12 @@ def token_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     """Mean next-token cross-entropy of a PicoDecoder (plain, DDP or FSDP2) on `inputs` (mb, T) vs `labels`.
 
     The output layer and the loss run fused and chunked over tokens (`chunked_cross_entropy`), so the
-    (mb·T, V) logits never exist whole, unless a hook on the output layer (a capture of it) needs them, or
-    DDP looks for unused parameters (it would find the output layer unused by the forward it wraps).
+    (mb·T, V) logits never exist whole, unless a hook on the output layer (a capture of it) needs them.
+    The fused output layer runs outside the wrapper's forward: DDP must not look for unused parameters
+    (`find_unused_parameters`), which would count it unused.
     """
     head = unwrap(model).de_embedding_proj
-    searches_unused = getattr(model, "find_unused_parameters", False)  # DDP(find_unused_parameters=True)
-    if head._forward_hooks or head._forward_pre_hooks or searches_unused:
+    if head._forward_hooks or head._forward_pre_hooks:
         logits = model(inputs)  # (mb, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     with hidden_states(model):
@@ -88,6 +88,7 @@ def captured_step(
     model: torch.nn.Module,
     batches: list[torch.Tensor],
     layers,
+    *,
     positions: str = "last",
     precision: str = "fp32",
     input_ids: torch.Tensor | None = None,

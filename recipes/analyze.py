@@ -10,17 +10,18 @@ r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
 metrics.csv, tensorboard/ and, with --plot, plots/*.png (with several runs also plots/runs/*.png in the
-first run's folder: one line per run). Bad input exits with code 2 and one line.
+first run's folder: one line per run). Bad input exits with code 2 and one line `<kind>: <message>`.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from pico.analysis import analyze, load_spec, save
 from pico.analysis.sources import analysis_runs
+from pico.errors import exit_on
 
 
+@exit_on()  # bad input (the spec, a run, a file in it, the Hub): one line `<kind>: <message>`, exit 2
 def main(argv=None):
     """Parse the command line, run the analysis, write its outputs; exit 2 on bad input."""
     parser = argparse.ArgumentParser(
@@ -44,15 +45,11 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    try:
-        spec = load_spec(args.config, args.overrides)
-        # every run as a local folder in pico's layout (a pico-train run converted, a Hub run downloaded)
-        read, write = analysis_runs(spec, runs=args.run, hub_repos=args.hub, revision=args.revision)
-        rows = analyze(read, spec)
-        written = save(rows, write, spec, plot=args.plot)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    spec = load_spec(args.config, args.overrides)
+    # every run as a local folder in pico's layout (a pico-train run converted, a Hub run downloaded)
+    read, write = analysis_runs(spec, runs=args.run, hub_repos=args.hub, revision=args.revision)
+    rows = analyze(read, spec)
+    written = save(rows, write, spec, plot=args.plot)
     pngs = [p for p in written if str(p).endswith(".png")]
     print(f"{len(rows)} values; wrote:")
     for path in written:

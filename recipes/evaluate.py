@@ -6,18 +6,18 @@
         --task hellaswag    # a step of a run on the Hub (pico's or pico-train's)
 
 Each rank holds the whole model and scores its share of the batches; rank 0 prints, writes.
-Bad input exits 2.
+Bad input exits 2 with one line `<kind>: <message>`.
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from pico.distributed import cleanup, init_distributed, is_main
-from pico.evaluation import TASK_NAMES, TaskSpec, evaluate_tasks, format_results, load_tasks
+from pico.errors import ConfigError, exit_on
+from pico.evaluation import TASKS, TaskSpec, evaluate_tasks, format_results, load_tasks
 from pico.hub import fetch_model, parse_hf_uri
 from pico.model import from_pretrained
 
@@ -28,20 +28,20 @@ def model_dir(model: str, step: int | None = None) -> Path:
     if model.startswith("hf://"):
         return fetch_model(*parse_hf_uri(model), step=step)
     if step is not None:
-        raise ValueError(f"--step {step}: only with --model hf://<repo>@<branch>")
+        raise ConfigError(f"--step {step}: only with --model hf://<repo>@<branch>")
     path = Path(model).expanduser()
     if (path / "model" / "config.json").is_file():
         return path / "model"
     if (path / "config.json").is_file():
         return path
     if path.exists() or model.count("/") != 1:
-        raise ValueError(f"--model {model}: neither a step dir (with model/config.json) nor an HF model dir")
+        raise ConfigError(f"--model {model}: neither a step dir (with model/config.json) nor an HF model dir")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # offline, unknown repo, auth
-        raise ValueError(
+        raise ConfigError(
             f"--model {model}: not a local dir, and the Hub download failed ({type(e).__name__})"
         ) from e
 
@@ -52,7 +52,8 @@ def task_spec(text: str, limit: int | None, batch_size: int | None) -> TaskSpec:
     return TaskSpec(name, path or None, limit, batch_size)
 
 
-def main() -> int:
+@exit_on()  # bad input (the model, a task, a document): one line `<kind>: <message>`, exit 2
+def main(argv=None) -> None:
     """Parse, load the model and tasks (exit 2 on bad input), evaluate, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -64,35 +65,30 @@ def main() -> int:
         action="append",
         required=True,
         metavar="NAME[=PATH]",
-        help=f"one of {', '.join(TASK_NAMES)}; PATH: jsonl/parquet file or dir (default: the Hub)",
+        help=f"one of {', '.join(TASKS)}; PATH: jsonl/parquet file or dir (default: the Hub)",
     )
     parser.add_argument("--limit", type=int, help="first N documents of each task (BLiMP: of each paradigm)")
     parser.add_argument("--batch-size", type=int, help="rows per forward (default: 4096 tokens per batch)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])
     parser.add_argument("--output", help="write the results as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     dist = init_distributed()
-    try:
-        directory = model_dir(args.model, args.step)
-        model = from_pretrained(directory).to(dist.device)
-        tokenizer = directory if (directory / "tokenizer.json").is_file() else None
-        specs = [task_spec(t, args.limit, args.batch_size) for t in args.task]
-        tasks = load_tasks(specs, tokenizer, model.config.max_seq_len)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        cleanup()
-        return 2
-    results = evaluate_tasks(model, tasks, dist.device, args.precision)
+    directory = model_dir(args.model, args.step)
+    model = from_pretrained(directory).to(dist.device)
+    tokenizer = directory if (directory / "tokenizer.json").is_file() else None
+    specs = [task_spec(t, args.limit, args.batch_size) for t in args.task]
+    keys = [f"--task {t}" for t in args.task]
+    tasks = load_tasks(specs, tokenizer, model.config.max_seq_len, keys=keys)
+    results = evaluate_tasks(model, tasks, dist.device, precision=args.precision)
     if is_main():
         print(f"model {directory} | max_seq_len {model.config.max_seq_len} | ranks {dist.world_size}")
         print("\n".join(format_results(results)))
         if args.output:
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     cleanup()
-    return 0
 
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    main()

@@ -14,21 +14,20 @@ import time
 import torch
 from maml_modules import MamlDecoder, MamlRunConfig, maml_scalars, maml_step, mask_token_id, step_episodes
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 
-from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, train_state
-from pico.config import ConfigError, load_config
-from pico.data import DataError, TokenStream, find_tokenizer, read_batch
-from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
+from pico.config import load_config
+from pico.data import TokenStream, find_tokenizer, read_batch
+from pico.distributed import cleanup, init_distributed, parallelize, resolve_strategy
+from pico.errors import exit_on
 from pico.evaluation import evaluate_tasks, load_tasks
-from pico.hub import HubError, resume_source, start_uploader
-from pico.logging import TrainLogger, exit_on, peak_flops
+from pico.hub import resume_source, start_uploader
+from pico.logging import TrainLogger, peak_flops
 from pico.model.hf import export_problem
 from pico.run_dir import checkpoints_dir
 from pico.run_lock import open_run_dir
-from pico.training import apply_update, captured_step
+from pico.training import apply_update
 
 
 def lr_lambda(t):
@@ -66,60 +65,74 @@ def build_model(model_cfg, seed, device, maml):
     return model
 
 
+def measure(step, model, tasks, eval_batch, *, cfg, dist, log):
+    """The checkpoint step's part on W_step: evaluation, then the eval split; (CheckpointStep, seconds)."""
+    t, ld, start = cfg.training, cfg.learning_dynamics, time.perf_counter()
+    evals = evaluate_tasks(model, tasks, dist.device, precision=t.precision, catch=True) if tasks else None
+    log.evals(step, evals or {})  # a task that failed is recorded as such, and training goes on
+    ckpt = CheckpointStep(step, {}, evals=evals)
+    if eval_batch is not None:  # its gradients are kept apart from the training ones
+        model.zero_grad(set_to_none=True)
+        rows = [eval_batch.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
+        _, _, ckpt.dynamics["eval"] = maml_step(model, rows, [None], t.precision, ld.layers, ld.positions)
+    return ckpt, time.perf_counter() - start
+
+
+def finish(writer, uploader, log):
+    """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
+    writer.complete_write()
+    uploader.finish()  # prints the steps it could not upload with the command that retries them
+    log.close()
+    cleanup()
+
+
+@exit_on()  # bad input, before step 0 or mid-run (a bad row of data): one line `<kind>: <message>`, exit 2
 def main(argv=None):
     """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    with exit_on("config error", ConfigError):
-        cfg = load_config(args.config, args.overrides, cls=MamlRunConfig)
+    cfg = load_config(args.config, args.overrides, cls=MamlRunConfig)
     t, d, ld, ck = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing
     dist, run_dir, model_cfg = init_distributed(), os.path.expanduser(ck.run_dir), cfg.model_config()
 
-    # Build: the model (then parallelized), optimizer, schedule, data, and the fixed eval batch.
+    # Build, and check against the config before step 0: the model (then parallelized), optimizer, schedule,
+    # data, the fixed eval batch, and every evaluation task's documents.
     model = build_model(model_cfg, t.seed, dist.device, cfg.maml)
     flops_per_token, n_params = model.flops_per_token(d.seq_len), model.num_params()
     no_export = export_problem(model)  # a fork whose modules the Llama layout cannot express
-    with exit_on("config error", ValueError):
-        check_capture(model, ld, dist.world_size)
+    check_capture(model, ld, dist.world_size)
     if ld.enabled and t.compile:
         prepare_compile()  # so that capture's hooks reach the compiled blocks
-    # DDP is built here, not by parallelize, to let meta steps leave the output layer unused and
-    # next-token steps the head (find_unused_parameters); FSDP2 needs nothing (docs/case_studies.md).
-    ddp = resolve_strategy(t.strategy, dist.world_size, dist.device) == "ddp"
     model = parallelize(
         model,
-        "single" if ddp else t.strategy,
-        dist.world_size,
-        dist.device,
-        t.precision,
-        t.activation_checkpointing,
-        t.compile,
+        strategy=t.strategy,
+        world_size=dist.world_size,
+        device=dist.device,
+        precision=t.precision,
+        activation_checkpointing=t.activation_checkpointing,
+        compile=t.compile,
+        # Meta steps leave the output layer unused, next-token steps the head (docs/case_studies.md).
+        ddp_options={"find_unused_parameters": True},
     )
-    if ddp:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
-    with exit_on("data error", ValueError):  # a batch split that does not divide, or unreadable data
-        stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
-        eval_all = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
-        if ld.enabled and ld.eval_data:
-            eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
+    stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
+    eval_batch = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
+    if ld.enabled and ld.eval_data:
+        eval_batch = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
     tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs(dist.world_size)
-    with exit_on("config error", ConfigError):  # the mask token is an id the data never holds
-        mask = mask_token_id(cfg, Tokenizer.from_file(str(tokenizer)).get_vocab_size() if tokenizer else None)
-    with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
-        tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
+    # The mask token is an id the data never holds.
+    mask = mask_token_id(cfg, Tokenizer.from_file(str(tokenizer)).get_vocab_size() if tokenizer else None)
+    tasks = load_tasks(specs, tokenizer, d.seq_len, vocab_size=model_cfg.vocab_size)
 
     # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also
-    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md).
-    with exit_on("hub error", HubError):  # a bad repo or no permission fails here, before step 0
-        resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
-    with exit_on("run error", ValueError):  # another live run; a missing, incomplete or changed checkpoint
-        resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
-        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
+    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md). A bad
+    # Hub repo or no permission fails here too, before step 0.
+    resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
+    resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
+    first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
@@ -139,44 +152,15 @@ def main(argv=None):
         on_published=uploader.enqueue,
     )
 
-    def measure(step):
-        """(ckpt, seconds) of the checkpoint step's part on W_step: evaluation, then the eval split."""
-        start = time.perf_counter()
-        evals = evaluate_tasks(model, tasks, dist.device, t.precision, catch=True) if tasks else None
-        log.evals(step, evals or {})  # a task that failed is recorded as such, and training goes on
-        ckpt = CheckpointStep(step, {}, evals=evals)
-        if eval_all is not None:  # its gradients are kept apart from the training ones
-            optimizer.zero_grad(set_to_none=True)
-            rows = [eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
-            _, ckpt.dynamics["eval"] = captured_step(
-                model, rows, ld.layers, ld.positions, t.precision, eval_all
-            )
-        return ckpt, time.perf_counter() - start
-
-    def finish():
-        """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
-        writer.complete_write()
-        uploader.finish()  # prints the steps it could not upload with the command that retries them
-        log.close()
-        cleanup()
-
-    def save(ckpt, wait=False):
-        """Write step_<N> in the background (`wait`: and wait), log in-situ metrics; seconds blocked."""
-        start = time.perf_counter()
-        writer.complete_write()  # the previous step's write ends (published) before this one starts
-        writer.save(ckpt, model, optimizer)
-        if wait:
-            writer.complete_write()
-        log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
-        return time.perf_counter() - start
-
     # The loop. The weights are W_step at the top. A checkpoint step measures W_step (evaluation and the eval
     # split), captures the train split on the real forward/backward of update step+1, and saves it all
     # before that update is applied. The step a run resumed from is saved already.
     for step in range(first_step, t.max_steps + 1):
         due = step % ck.save_every == 0 or step == t.max_steps
         saved = resume_from is not None and step == first_step
-        ckpt, t_eval = measure(step) if due and not saved else (None, 0.0)
+        ckpt, t_eval = None, 0.0
+        if due and not saved:
+            ckpt, t_eval = measure(step, model, tasks, eval_batch, cfg=cfg, dist=dist, log=log)
         optimizer.zero_grad(set_to_none=True)
         state, t0 = train_state(step, scheduler, stream), time.perf_counter()
         last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
@@ -190,9 +174,15 @@ def main(argv=None):
             )
         elif batches and not last:
             loss, stats, _ = maml_step(model, batches, episodes, t.precision)
-        if ckpt is not None:
+        if ckpt is not None:  # write step_<step> in the background; the end of training waits, to log it
             ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
-            t_save = save(ckpt, wait=last)  # the end of training waits for the last write, to log it
+            start = time.perf_counter()
+            writer.complete_write()  # the previous step's write ends (published) before this one starts
+            writer.save(ckpt, model, optimizer)
+            if last:
+                writer.complete_write()
+            log.dynamics(step, ckpt.dynamics, ckpt.weights, ld.metrics)  # in-situ metrics: dynamics/*
+            t_save = time.perf_counter() - start
             log.checkpoint(step, t_save, t_eval, writer.written())
             t0 += t_save  # tokens/s counts training time only
         if last:
@@ -208,8 +198,9 @@ def main(argv=None):
             )
             if t.nan_policy == "stop":
                 if ckpt is None and not saved:
-                    save(CheckpointStep(step, state))
-                finish()
+                    writer.complete_write()
+                    writer.save(CheckpointStep(step, state), model, optimizer)
+                finish(writer, uploader, log)
                 sys.exit(3)
         scheduler.step()
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
@@ -219,9 +210,8 @@ def main(argv=None):
             log.scalars(step + 1, maml_scalars(stats))
     stream.close()
     log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
-    finish()
+    finish(writer, uploader, log)
 
 
 if __name__ == "__main__":
-    with exit_on("data error", DataError):  # a bad row met mid-run: one line, exit 2
-        main()
+    main()

@@ -10,78 +10,24 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from relora_modules import lora_modules, relora_reset, wrap_lora
+from relora_modules import ReLoRARunConfig, lora_modules, relora_reset, wrap_lora
 
-import pico.config
-from pico.analysis import in_situ_scalars
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, train_state
-from pico.config import ConfigError
-from pico.data import DataError, TokenStream, find_tokenizer, read_batch
-from pico.distributed import cleanup, init_distributed, is_main, parallelize, resolve_strategy
+from pico.config import load_config
+from pico.data import TokenStream, find_tokenizer, read_batch
+from pico.distributed import cleanup, init_distributed, parallelize, resolve_strategy
+from pico.errors import exit_on
 from pico.evaluation import evaluate_tasks, load_tasks
-from pico.hub import HubError, resume_source, start_uploader
-from pico.logging import TrainLogger, exit_on, peak_flops
+from pico.hub import resume_source, start_uploader
+from pico.logging import TrainLogger, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
 from pico.run_dir import checkpoints_dir
 from pico.run_lock import open_run_dir
 from pico.training import apply_update, captured_step, train_step
-
-
-@dataclass
-class ReLoRAConfig:
-    """The `relora:` section: the LoRA factors, and when and how they are merged and reset."""
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.1
-    trainable_scale: bool = False
-    reset_every: int = 2000
-    restart_warmup_steps: int = 100
-    optimizer_reset: Literal["random", "magnitude"] = "random"
-    prune_ratio: float = 0.999
-    target_modules: list[str] = field(
-        default_factory=lambda: [f"attention.{p}_proj" for p in "qkvo"] + [f"swiglu.w_{i}" for i in range(3)]
-    )
-
-
-@dataclass
-class Config(pico.config.Config):
-    """pico's run config plus the `relora:` section."""
-
-    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
-
-
-def load_config(path, overrides) -> Config:
-    """pico.config.load_config with the `relora:` section, validated as strictly; raise ConfigError."""
-    cfg = pico.config.load_config(path, overrides, cls=Config)
-    rl = cfg.relora
-    checks = {
-        "r": (rl.r >= 1, "positive"),
-        "alpha": (rl.alpha > 0, "positive"),
-        "reset_every": (rl.reset_every >= 1, "positive"),
-        "restart_warmup_steps": (
-            0 <= rl.restart_warmup_steps <= rl.reset_every,
-            "in [0, relora.reset_every]",
-        ),
-        "dropout": (0 <= rl.dropout < 1, "in [0, 1)"),
-        "prune_ratio": (0 <= rl.prune_ratio <= 1, "in [0, 1]"),
-    }
-    for key, (ok, expected) in checks.items():
-        if not ok:
-            raise ConfigError(f"relora.{key}: must be {expected}, got {getattr(rl, key)}")
-    if not rl.target_modules:
-        raise ConfigError("relora.target_modules: empty; train with recipes/pretrain.py for no LoRA")
-    if cfg.training.schedule != "cosine":
-        raise ConfigError(
-            f"training.schedule: {cfg.training.schedule!r}; ReLoRA's jagged cosine needs 'cosine'"
-        )
-    return cfg
 
 
 def is_reset(step, t, rl):
@@ -131,47 +77,75 @@ def build_model(model_cfg, seed, device, rl):
     return model
 
 
+def measure(step, model, tasks, eval_batch, *, cfg, dist, log):
+    """The checkpoint step's part on W_step: evaluation, then the eval split (without LoRA dropout);
+    (CheckpointStep, seconds)."""
+    t, ld, start = cfg.training, cfg.learning_dynamics, time.perf_counter()
+    model.eval()
+    evals = evaluate_tasks(model, tasks, dist.device, precision=t.precision, catch=True) if tasks else None
+    log.evals(step, evals or {})  # a task that failed is recorded as such, and training goes on
+    ckpt = CheckpointStep(step, {}, evals=evals)
+    if eval_batch is not None:  # its gradients are kept apart from the training ones
+        model.zero_grad(set_to_none=True)
+        rows = [eval_batch.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
+        _, ckpt.dynamics["eval"] = captured_step(
+            model, rows, ld.layers, positions=ld.positions, precision=t.precision, input_ids=eval_batch
+        )
+    model.train()
+    return ckpt, time.perf_counter() - start
+
+
+def finish(writer, uploader, log):
+    """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
+    writer.complete_write()
+    uploader.finish()  # prints the steps it could not upload with the command that retries them
+    log.close()
+    cleanup()
+
+
+@exit_on()  # bad input, before step 0 or mid-run (a bad row of data): one line `<kind>: <message>`, exit 2
 def main(argv=None):
     """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    with exit_on("config error", ConfigError):
-        cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, cls=ReLoRARunConfig)
     t, d, ld, ck, rl = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing, cfg.relora
     dist, run_dir, model_cfg = init_distributed(), os.path.expanduser(ck.run_dir), cfg.model_config()
 
-    # Build: the model (then parallelized), optimizer, schedule, data, and the fixed eval batch.
-    with exit_on("config error", ValueError):
-        model = build_model(model_cfg, t.seed, dist.device, rl)
+    # Build, and check against the config before step 0: the model (then parallelized), optimizer, schedule,
+    # data, the fixed eval batch, and every evaluation task's documents.
+    model = build_model(model_cfg, t.seed, dist.device, rl)
     flops_per_token, n_params = model.flops_per_token(d.seq_len), model.num_params()
     no_export = export_problem(model)  # a fork whose modules the Llama layout cannot express
-    with exit_on("config error", ValueError):
-        check_capture(model, ld, dist.world_size)
+    check_capture(model, ld, dist.world_size)
     if ld.enabled and t.compile:
         prepare_compile()  # so that capture's hooks reach the compiled blocks
     model = parallelize(
-        model, t.strategy, dist.world_size, dist.device, t.precision, t.activation_checkpointing, t.compile
+        model,
+        strategy=t.strategy,
+        world_size=dist.world_size,
+        device=dist.device,
+        precision=t.precision,
+        activation_checkpointing=t.activation_checkpointing,
+        compile=t.compile,
     )
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, rl))
-    with exit_on("data error", ValueError):  # a batch split that does not divide, or unreadable data
-        stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
-        eval_all = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
-        if ld.enabled and ld.eval_data:
-            eval_all = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
+    stream = TokenStream.from_config(d, dist.rank, dist.world_size, model_cfg.vocab_size, dist.device)
+    eval_batch = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
+    if ld.enabled and ld.eval_data:
+        eval_batch = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
     tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs(dist.world_size)
-    with exit_on("evaluation error", ValueError):  # every task's documents load before step 0
-        tasks = load_tasks(specs, tokenizer, d.seq_len, model_cfg.vocab_size)
+    tasks = load_tasks(specs, tokenizer, d.seq_len, vocab_size=model_cfg.vocab_size)
 
     # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also
-    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md).
-    with exit_on("hub error", HubError):  # a bad repo or no permission fails here, before step 0
-        resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
-    with exit_on("run error", ValueError):  # another live run; a missing, incomplete or changed checkpoint
-        resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
-        first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
+    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md). A bad
+    # Hub repo or no permission fails here too, before step 0.
+    resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
+    resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
+    first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
@@ -191,40 +165,6 @@ def main(argv=None):
         on_published=uploader.enqueue,
     )
 
-    def measure(step):
-        """(ckpt, seconds) of the checkpoint step's part on W_step: evaluation, then the eval split
-        (without LoRA dropout)."""
-        start = time.perf_counter()
-        model.eval()
-        evals = evaluate_tasks(model, tasks, dist.device, t.precision, catch=True) if tasks else None
-        log.evals(step, evals or {})  # a task that failed is recorded as such, and training goes on
-        ckpt = CheckpointStep(step, {}, evals=evals)
-        if eval_all is not None:  # its gradients are kept apart from the training ones
-            optimizer.zero_grad(set_to_none=True)
-            rows = [eval_all.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
-            _, ckpt.dynamics["eval"] = captured_step(
-                model, rows, ld.layers, ld.positions, t.precision, eval_all
-            )
-        model.train()
-        return ckpt, time.perf_counter() - start
-
-    def finish():
-        """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
-        writer.complete_write()
-        uploader.finish()  # prints the steps it could not upload with the command that retries them
-        log.close()
-        cleanup()
-
-    def save(ckpt, wait=False):
-        """Write step_<N> in the background (`wait`: and wait), log in-situ metrics; seconds blocked."""
-        start = time.perf_counter()
-        writer.complete_write()  # the previous step's write ends (published) before this one starts
-        writer.save(ckpt, model, optimizer)
-        if wait:
-            writer.complete_write()
-        log.scalars(ckpt.step, in_situ_scalars(ckpt.dynamics, ckpt.weights, ld.metrics) if is_main() else {})
-        return time.perf_counter() - start
-
     # The loop. The weights are W_step at the top. A checkpoint step measures W_step (evaluation and the eval
     # split), captures the train split on the real forward/backward of update step+1, and saves it all
     # before that update is applied. The step a run resumed from is saved already.
@@ -235,19 +175,29 @@ def main(argv=None):
             zeroed = relora_reset(model, optimizer, rl, t.seed, step)
             resets = sum(is_reset(k, t, rl) for k in range(step + 1))
             log.scalars(step, {"relora/resets": resets, "relora/optimizer_state_zeroed": zeroed})
-        ckpt, t_eval = measure(step) if due and not saved else (None, 0.0)
+        ckpt, t_eval = None, 0.0
+        if due and not saved:
+            ckpt, t_eval = measure(step, model, tasks, eval_batch, cfg=cfg, dist=dist, log=log)
         optimizer.zero_grad(set_to_none=True)
         state, t0 = train_state(step, scheduler, stream), time.perf_counter()
         last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
         capturing = ckpt is not None and ld.enabled
         batches = stream.next_batch() if not last or (capturing and stream.has_batch(step)) else None
         if batches and capturing:
-            loss, ckpt.dynamics["train"] = captured_step(model, batches, ld.layers, ld.positions, t.precision)
+            loss, ckpt.dynamics["train"] = captured_step(
+                model, batches, ld.layers, positions=ld.positions, precision=t.precision
+            )
         elif batches and not last:
             loss = train_step(model, batches, t.precision)
-        if ckpt is not None:
+        if ckpt is not None:  # write step_<step> in the background; the end of training waits, to log it
             ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
-            t_save = save(ckpt, wait=last)  # the end of training waits for the last write, to log it
+            start = time.perf_counter()
+            writer.complete_write()  # the previous step's write ends (published) before this one starts
+            writer.save(ckpt, model, optimizer)
+            if last:
+                writer.complete_write()
+            log.dynamics(step, ckpt.dynamics, ckpt.weights, ld.metrics)  # in-situ metrics: dynamics/*
+            t_save = time.perf_counter() - start
             log.checkpoint(step, t_save, t_eval, writer.written())
             t0 += t_save  # tokens/s counts training time only
         if last:
@@ -263,8 +213,9 @@ def main(argv=None):
             )
             if t.nan_policy == "stop":
                 if ckpt is None and not saved:
-                    save(CheckpointStep(step, state))
-                finish()
+                    writer.complete_write()
+                    writer.save(CheckpointStep(step, state), model, optimizer)
+                finish(writer, uploader, log)
                 sys.exit(3)
         scheduler.step()
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
@@ -276,9 +227,8 @@ def main(argv=None):
                 log.scalars(step + 1, {"relora/scale_mean": scales.mean().item()})
     stream.close()
     log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
-    finish()
+    finish(writer, uploader, log)
 
 
 if __name__ == "__main__":
-    with exit_on("data error", DataError):  # a bad row met mid-run: one line, exit 2
-        main()
+    main()

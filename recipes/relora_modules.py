@@ -1,5 +1,6 @@
-"""ReLoRA's pieces for recipes/relora.py: the LoRA linear, wrapping a model with it, and the reset
-(merge, re-initialise, prune the optimizer state). docs/case_studies.md, "ReLoRA", explains them.
+"""ReLoRA's pieces for recipes/relora.py: the `relora:` config section, the LoRA linear, wrapping a model with
+it, and the reset (merge, re-initialise, prune the optimizer state). docs/case_studies.md, "ReLoRA", explains
+them.
 
 Under FSDP2 every parameter and optimizer state is a DTensor sharded on dim 0. Elementwise work (B ← 0,
 pruning a moment by a mask) is done on this rank's shard; what needs a whole tensor (B A, a magnitude
@@ -9,14 +10,65 @@ gives the same numbers on any number of ranks.
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from pico.config import Config, ConfigError
 from pico.distributed import all_reduce_mean, full_tensor, unwrap
 from pico.run_dir import module_matches
+
+
+@dataclass
+class ReLoRAConfig:
+    """The `relora:` section: the LoRA factors, and when and how they are merged and reset."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    trainable_scale: bool = False
+    reset_every: int = 2000
+    restart_warmup_steps: int = 100
+    optimizer_reset: Literal["random", "magnitude"] = "random"
+    prune_ratio: float = 0.999
+    target_modules: list[str] = field(
+        default_factory=lambda: [f"attention.{p}_proj" for p in "qkvo"] + [f"swiglu.w_{i}" for i in range(3)]
+    )
+
+    def __post_init__(self):
+        checks = {
+            "r": (self.r >= 1, "positive"),
+            "alpha": (self.alpha > 0, "positive"),
+            "reset_every": (self.reset_every >= 1, "positive"),
+            "restart_warmup_steps": (
+                0 <= self.restart_warmup_steps <= self.reset_every,
+                "in [0, relora.reset_every]",
+            ),
+            "dropout": (0 <= self.dropout < 1, "in [0, 1)"),
+            "prune_ratio": (0 <= self.prune_ratio <= 1, "in [0, 1]"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"relora.{key}: must be {expected}, got {getattr(self, key)}")
+        if not self.target_modules:
+            raise ConfigError("relora.target_modules: empty; train with recipes/pretrain.py for no LoRA")
+
+
+@dataclass
+class ReLoRARunConfig(Config):
+    """pico's Config with the `relora:` section; ReLoRA's jagged cosine needs `training.schedule: cosine`."""
+
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+
+    def __post_init__(self):
+        if self.training.schedule != "cosine":
+            raise ConfigError(
+                f"training.schedule: {self.training.schedule!r}; ReLoRA's jagged cosine needs 'cosine'"
+            )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -117,11 +169,11 @@ class LoRALinear(nn.Module):
 
 def wrap_lora(model: nn.Module, rl, seed: int) -> list[str]:
     """Replace every nn.Linear of `model` whose name ends with one of `rl.target_modules` by a LoRALinear
-    holding its weight (A drawn from `seed`); returns their names. A target matching none is a ValueError."""
+    holding its weight (A drawn from `seed`); returns their names. A target matching none is a ConfigError."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for target in rl.target_modules:
         if not any(module_matches(name, target) for name in names):
-            raise ValueError(
+            raise ConfigError(
                 f"relora.target_modules: no nn.Linear of {type(model).__name__} ends with {target!r} "
                 f"(they look like {names[0]!r})"
             )

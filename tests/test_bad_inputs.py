@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pico.model import PicoDecoder
-from tests.recipes.common import MODEL, ROOT, SEQ, VOCAB, launch, write_shards
+from tests.recipes.common import ROOT, launch
+from tests.tiny import SEQ, VOCAB, shards, tiny_run
 
 STEPS = 3  # checkpoints at 0, 2 and 3
 
@@ -34,25 +35,12 @@ def recipe(name):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return write_shards(root / "train", 64, seed=1), write_shards(root / "eval", 8, seed=2, files=1)
+    return shards(tmp_path_factory.mktemp("data"), 64, 8)
 
 
 def args(data, run_dir, *extra):
     train, evals = data
-    return [
-        *MODEL,
-        f"data.path={train}",
-        f"data.seq_len={SEQ}",
-        "data.batch_size=4",
-        "data.micro_batch_size=2",
-        f"training.max_steps={STEPS}",
-        f"checkpointing.run_dir={run_dir}",
-        "checkpointing.save_every=2",
-        f"learning_dynamics.eval_data={evals}",
-        "learning_dynamics.eval_batch_size=4",
-        *extra,
-    ]
+    return tiny_run(train, run_dir, *extra, steps=STEPS, batch_size=4, save_every=2, evals=evals)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +269,9 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
         recipe("analyze").main(["--run", str(run)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
-    assert err.strip().splitlines()[-1].startswith(f"error: {path}: not a readable safetensors file (")
+    assert (
+        err.strip().splitlines()[-1].startswith(f"analysis error: {path}: not a readable safetensors file (")
+    )
 
 
 def test_truncated_exported_model_names_the_file(finished, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.recipes.common import MODEL, SEQ, write_shards
+from tests.tiny import shards, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,24 +18,18 @@ def test_forking_walkthrough_runs(tmp_path):
     assert len(blocks) == 3, "fork, train, compare"
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
-    train, evals = (
-        write_shards(tmp_path / "train", 96, seed=1),
-        write_shards(tmp_path / "eval", 8, seed=2, files=1),
-    )
-    overrides = [
-        *MODEL,
-        f"data.path={train}",
-        f"data.seq_len={SEQ}",
-        "data.batch_size=8",
-        "data.micro_batch_size=2",
-        "training.max_steps=4",
+    train, evals = shards(tmp_path, 96, 8)
+    overrides = tiny_run(
+        train,
+        None,  # the commands name the run directories
         "training.warmup_steps=1",
-        "checkpointing.save_every=2",
-        f"learning_dynamics.eval_data={evals}",
-        "learning_dynamics.eval_batch_size=8",
         f"evaluation.data={evals}",
         "evaluation.batch_size=4",
-    ]
+        steps=4,
+        save_every=2,
+        evals=evals,
+        eval_batch_size=8,
+    )
     env = {**os.environ, "OVERRIDES": " ".join(overrides), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
     for block in blocks:
         proc = subprocess.run(

@@ -107,7 +107,7 @@ def test_output_layer_hooks_see_the_logits_and_forward_is_unchanged():
 def _two_ranks_equal_one_process(strategy: str):
     pico.training.LOSS_CHUNK_ELEMENTS = 7 * VOCAB  # a spawned process: the fixture did not run here
     want_loss, want = plain_grads(rows())
-    trained = parallelize(model(), strategy, world_size=2, device=torch.device("cpu"))
+    trained = parallelize(model(), strategy=strategy, world_size=2, device=torch.device("cpu"))
     rank = dist.get_rank()
     loss = train_step(trained, list(rows()[4 * rank : 4 * rank + 4].split(2)))  # 2 micro-batches each
     assert_rel_close(loss, want_loss, "loss")

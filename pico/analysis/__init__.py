@@ -15,7 +15,6 @@ onto the compute device. The spec keys and output format are documented in docs/
 from pico.analysis.checkpoints import Checkpoint
 from pico.analysis.compute import analyze, run_names
 from pico.analysis.device import compute_device
-from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import EvalRow, eval_rows, read_evals, select_evals
 from pico.analysis.in_situ import in_situ_scalars
 from pico.analysis.output import (
@@ -42,6 +41,7 @@ from pico.analysis.spec import (
     parse_spec,
 )
 from pico.analysis.table import Row, Rows
+from pico.errors import AnalysisError
 
 __all__ = [
     "AnalysisError",

@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from pico.analysis.errors import AnalysisError
 from pico.components import get_component
+from pico.errors import AnalysisError
 from pico.learning_dynamics import open_dynamics
 from pico.metrics import SingularValues, singular_values
 from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key

@@ -14,11 +14,11 @@ import torch
 
 from pico.analysis.checkpoints import BATCH_MEAN, Checkpoint
 from pico.analysis.device import compute_device
-from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import eval_rows, select_evals
 from pico.analysis.spec import DEFAULT_SPEC, AnalysisSpec, ComponentSpec, MetricSpec, SpecError, parse_spec
 from pico.analysis.table import Row, Rows
 from pico.components import COMPONENTS
+from pico.errors import AnalysisError
 from pico.metrics import Metric, get_metric
 from pico.run_dir import dynamics_file, list_steps, module_matches, run_name, step_dir
 

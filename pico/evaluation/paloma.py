@@ -1,4 +1,5 @@
-"""Perplexity on a pretokenized eval set: `perplexity` over batches, and the `paloma` task (per source)."""
+"""Perplexity on a pretokenized eval set: `perplexity` over batches, and the `paloma` task (per source),
+registered as a task of token ids (it needs no tokenizer)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 from pico.data.shards import DataError, RowGroupReader, build_index
 from pico.distributed import all_reduce_sum, autocast, reshard
-from pico.evaluation.tokens import TaskError
+from pico.evaluation.task import TaskError, TaskSpec, register_task
+from pico.evaluation.tokens import Encoder
 
 DEFAULT_DATASET = "pico-lm/pretokenized-paloma-tinsy"
 SOURCE_COLUMNS = ("source", "domain", "subdomain")  # preferred names when several string columns exist
@@ -36,7 +38,7 @@ def perplexity(model: torch.nn.Module, batches, device: torch.device, precision:
     reshard(model)
     all_reduce_sum(totals)
     if totals[1] == 0:
-        raise ValueError("evaluation.data: no eval batches reached the model")
+        raise TaskError("perplexity: no eval batches reached the model")
     loss = (totals[0] / totals[1]).item()
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(totals[1].item())}
 
@@ -106,12 +108,13 @@ class PalomaTask:
         return {**result, "subsets": subsets}
 
 
+@register_task("paloma", text=False)
 def load_paloma(
-    path: str | None, seq_len: int, limit: int | None, batch_size: int | None, vocab_size: int | None = None
+    spec: TaskSpec, encoder: Encoder | None, seq_len: int, vocab_size: int | None = None
 ) -> PalomaTask:
-    """The first `limit` rows (all without one) of a pretokenized parquet eval set, with their sources;
-    rows are checked like training data (length seq_len + 1, ids below `vocab_size`)."""
-    path = path or DEFAULT_DATASET
+    """The first `spec.limit` rows (all without one) of a pretokenized parquet eval set, with their sources;
+    rows are checked like training data (length seq_len + 1, ids below `vocab_size`). `encoder`: unused."""
+    path, limit = spec.path or DEFAULT_DATASET, spec.limit
     try:
         index = build_index(path)
         reader, rows, have = RowGroupReader(index, seq_len + 1, vocab_size), [], 0
@@ -127,4 +130,4 @@ def load_paloma(
     ids = np.concatenate(rows).astype(np.int64)  # (N, seq_len + 1)
     column = _source_column(index)
     sources = None if column is None else _sources(index, column, len(ids))
-    return PalomaTask(path, [(row[:1], row[1:]) for row in ids], sources, seq_len, batch_size)
+    return PalomaTask(path, [(row[:1], row[1:]) for row in ids], sources, seq_len, spec.batch_size)

@@ -1,77 +1,48 @@
-"""The task suite: configure (TaskSpec), load and validate before training (load_tasks), run them."""
+"""The task suite: load and validate every configured task before training (load_tasks), run them
+(evaluate_tasks), and show their results (flat_metrics, format_results)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from pico.evaluation.paloma import PalomaTask, load_paloma
 from pico.evaluation.scorer import score_requests
-from pico.evaluation.tasks import TASKS, ChoiceTask, load_choice_task
-from pico.evaluation.tokens import TaskError, load_encoder
-
-TASK_NAMES = ("paloma", *TASKS)
-
-
-@dataclass
-class TaskSpec:
-    """One configured task: its name, a local file/directory or Hub id (default: the task's Hub dataset),
-    the first `limit` documents (BLiMP: per paradigm) and the rows per forward (default: by token budget)."""
-
-    name: str
-    path: str | None = None
-    limit: int | None = None
-    batch_size: int | None = None
+from pico.evaluation.task import TASKS, Task, TaskError, TaskSpec, check_specs
+from pico.evaluation.tokens import load_encoder
 
 
 def load_tasks(
     specs: list[TaskSpec],
     tokenizer: Tokenizer | str | Path | None,
     seq_len: int,
+    *,
     vocab_size: int | None = None,
-) -> list[PalomaTask | ChoiceTask]:
-    """Read, validate and tokenize every task's documents; a problem raises a one-line TaskError (ValueError).
+    keys: list[str] | None = None,
+) -> list[Task]:
+    """Check the specs (`check_specs`, `keys` naming where each came from), then read, validate and tokenize
+    every task's documents with its registered loader; a problem raises a one-line TaskError (ValueError).
 
-    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (paloma needs none);
-    `seq_len` is the longest input the model takes (paloma's rows hold seq_len + 1 tokens); with
-    `vocab_size`, a token id the model has no embedding for is an error naming the task.
+    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (tasks of token ids,
+    such as paloma, need none); `seq_len` is the longest input the model takes; with `vocab_size`, a token
+    id the model has no embedding for is an error naming the task.
     """
-    names = [spec.name for spec in specs]
-    for spec in specs:
-        if spec.name not in TASK_NAMES:
-            raise TaskError(f"unknown task {spec.name!r} (known: {', '.join(TASK_NAMES)})")
-        if names.count(spec.name) > 1:
-            raise TaskError(f"{spec.name}: task listed more than once")
-        for key in ("limit", "batch_size"):
-            if getattr(spec, key) is not None and getattr(spec, key) < 1:
-                raise TaskError(f"{spec.name}: {key} must be ≥ 1, got {getattr(spec, key)}")
+    check_specs(specs, keys)
+    text = [spec.name for spec in specs if TASKS[spec.name].text]
     encoder = None
-    if any(name != "paloma" for name in names):
+    if text:
         if tokenizer is None:
-            raise TaskError(
-                f"{', '.join(n for n in names if n != 'paloma')}: need a tokenizer (tokenizer.json)"
-            )
+            raise TaskError(f"{', '.join(text)}: need a tokenizer (tokenizer.json)")
         encoder = load_encoder(tokenizer)
-    tasks = [
-        load_paloma(spec.path, seq_len, spec.limit, spec.batch_size, vocab_size)
-        if spec.name == "paloma"
-        else load_choice_task(spec.name, spec.path, spec.limit, spec.batch_size, encoder, seq_len)
-        for spec in specs
-    ]
-    for task in tasks:
-        top = max((int(ids.max()) for pair in task.requests for ids in pair if len(ids)), default=-1)
-        if vocab_size is not None and top >= vocab_size:
-            raise TaskError(f"{task.name}: token id {top} is outside the model's vocabulary of {vocab_size}")
-    return tasks
+    return [TASKS[spec.name].load(spec, encoder, seq_len, vocab_size) for spec in specs]
 
 
 def evaluate_tasks(
     model: torch.nn.Module,
-    tasks: list[PalomaTask | ChoiceTask],
+    tasks: list[Task],
     device: torch.device,
+    *,
     precision: str = "fp32",
     catch: bool = False,
 ) -> dict[str, dict]:

@@ -7,14 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pico.errors import PicoError
+from pico.evaluation.task import TaskError
 from pico.model.hf import first_special_token
-
-
-class TaskError(PicoError, ValueError):
-    """A task cannot be loaded or scored; the one-line message names the task, the file and the row."""
-
-    kind = "evaluation error"
 
 
 class Encoder:

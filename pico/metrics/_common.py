@@ -6,21 +6,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pico.errors import AnalysisError
+
 
 def checked(x, metric: str, matrix: bool = False) -> torch.Tensor:
     """`x` as a detached tensor after every metric's checks: type, real, non-empty, 2-D if `matrix`."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     elif not isinstance(x, torch.Tensor):
-        # ValueError, not TypeError: every bad input to a metric raises the one documented exception type
+        # Not a TypeError: every bad input to a metric raises the one documented exception type
         got = type(x).__name__
-        raise ValueError(f"{metric}: expected a torch.Tensor or numpy.ndarray, got {got}")  # noqa: TRY004
+        raise AnalysisError(f"{metric}: expected a torch.Tensor or numpy.ndarray, got {got}")  # noqa: TRY004
     if x.is_complex():
-        raise ValueError(f"{metric}: complex input of shape {tuple(x.shape)} is not supported")
+        raise AnalysisError(f"{metric}: complex input of shape {tuple(x.shape)} is not supported")
     if x.numel() == 0:
-        raise ValueError(f"{metric}: empty input of shape {tuple(x.shape)}")
+        raise AnalysisError(f"{metric}: empty input of shape {tuple(x.shape)}")
     if matrix and x.dim() != 2:
-        raise ValueError(f"{metric}: expected a 2-D matrix, got shape {tuple(x.shape)}")
+        raise AnalysisError(f"{metric}: expected a 2-D matrix, got shape {tuple(x.shape)}")
     return x.detach()
 
 
@@ -28,7 +30,7 @@ def checked_pair(x, y, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two checked (samples, features) matrices with the same number of samples."""
     x, y = checked(x, metric, matrix=True), checked(y, metric, matrix=True)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise AnalysisError(
             f"{metric}: x and y need the same number of samples (rows), "
             f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
         )
@@ -101,7 +103,7 @@ def svd_for(
     if sv is not None:
         if not isinstance(sv, SingularValues) or sv.shape != shape:
             got = f"those of a {sv.shape} matrix" if isinstance(sv, SingularValues) else type(sv).__name__
-            raise ValueError(f"{metric}: sv must be singular_values(w) of this {shape} matrix, got {got}")
+            raise AnalysisError(f"{metric}: sv must be singular_values(w) of this {shape} matrix, got {got}")
         return sv
     u, e = normalised(w, dtype)
     if u is None:  # never hand a non-finite matrix to LAPACK

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from pico.errors import AnalysisError
 from pico.metrics._common import centred, checked_pair, compute_dtype, sum_sq
 from pico.metrics.registry import register_metric
 
@@ -69,13 +70,13 @@ def cka(
 ) -> float:
     """Centred kernel alignment (Kornblith et al. 2019) of activations x (n, p) and y (n, q)."""
     if kernel not in ("linear", "rbf"):
-        raise ValueError(f"cka: kernel must be 'linear' or 'rbf', got {kernel!r}")
+        raise AnalysisError(f"cka: kernel must be 'linear' or 'rbf', got {kernel!r}")
     if not sigma > 0:
-        raise ValueError(f"cka: sigma must be positive, got {sigma!r}")
+        raise AnalysisError(f"cka: sigma must be positive, got {sigma!r}")
     x, y = checked_pair(x, y, "cka")
     (n, p), q = x.shape, y.shape[1]
     if debiased and n < 4:
-        raise ValueError(f"cka: debiased=True needs at least 4 samples, got x {tuple(x.shape)}")
+        raise AnalysisError(f"cka: debiased=True needs at least 4 samples, got x {tuple(x.shape)}")
     dtype = compute_dtype(x, dtype)
     x, y = centred(x, dtype), centred(y.to(x.device), dtype)  # scale-invariant: scaled to max|entry| ~ 1
     if x is None or y is None:

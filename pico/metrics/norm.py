@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from pico.errors import AnalysisError
 from pico.metrics._common import SingularValues, checked, normalised, sum_sq, svd_for, times_pow2
 from pico.metrics.registry import register_metric
 
@@ -14,10 +15,10 @@ NORMS = ("fro", "nuc", "inf", "spectral", "max")
 def norm(w, kind: str = "fro", dtype: torch.dtype | None = None, sv: SingularValues | None = None) -> float:
     """fro: sqrt(sum w^2); nuc: sum sigma; inf: max_i sum_j |w_ij|; spectral: sigma_max; max: max |w_ij|."""
     if kind not in NORMS:
-        raise ValueError(f"norm: kind must be one of {NORMS}, got {kind!r}")
+        raise AnalysisError(f"norm: kind must be one of {NORMS}, got {kind!r}")
     w = checked(w, "norm")
     if kind in ("nuc", "inf", "spectral") and w.dim() != 2:
-        raise ValueError(f"norm: kind={kind!r} needs a 2-D matrix, got shape {tuple(w.shape)}")
+        raise AnalysisError(f"norm: kind={kind!r} needs a 2-D matrix, got shape {tuple(w.shape)}")
     if kind in ("nuc", "spectral"):
         s = svd_for(w, "norm", dtype, sv)
         top = s.scaled.sum(dtype=torch.float64) if kind == "nuc" else s.scaled[0]

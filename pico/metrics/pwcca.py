@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from pico.errors import AnalysisError
 from pico.metrics._common import centred, checked_pair, compute_dtype
 from pico.metrics.registry import register_metric
 
@@ -20,7 +21,7 @@ def pwcca(x, y, dtype: torch.dtype | None = None) -> float:
     """Projection-weighted CCA (Morcos et al. 2018) of x (n, p) and y (n, q); weights come from x."""
     x, y = checked_pair(x, y, "pwcca")
     if x.shape[0] <= max(x.shape[1], y.shape[1]):
-        raise ValueError(
+        raise AnalysisError(
             f"pwcca: needs more samples than features, got x {tuple(x.shape)} and y {tuple(y.shape)}"
         )
     dtype = compute_dtype(x, dtype)

@@ -4,6 +4,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pico.errors import ConfigError
 from pico.run_dir import DATA_TYPES
 
 
@@ -54,7 +55,7 @@ def register_metric(name: str, *, comparative: bool = False, data_types=DATA_TYP
 
 
 def get_metric(name: str) -> Metric:
-    """The registered metric called `name`; a ValueError listing the known names otherwise."""
+    """The registered metric called `name`; a ConfigError listing the known names otherwise."""
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
+        raise ConfigError(f"unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
     return METRICS[name]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pico.errors import ConfigError
+
 
 @dataclass
 class PicoDecoderConfig:
-    """Architecture of a PicoDecoder (field names as in pico-train)."""
+    """Architecture of a PicoDecoder (field names as in pico-train); a bad field raises ConfigError."""
 
     d_model: int
     n_layers: int
@@ -32,23 +34,23 @@ class PicoDecoderConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         for name in ("norm_eps", "position_emb_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
+                raise ConfigError(f"model.{name} must be a positive number, got {value!r}")
         if self.d_model % self.attention_n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by "
                 f"model.attention_n_heads={self.attention_n_heads}"
             )
         if self.attention_n_heads % self.attention_n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.attention_n_heads={self.attention_n_heads} is not divisible by "
                 f"model.attention_n_kv_heads={self.attention_n_kv_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"model.d_model / model.attention_n_heads = {self.head_dim} must be even for RoPE"
             )
 
@@ -61,7 +63,7 @@ class PicoDecoderConfig:
     def preset(cls, name: str, **overrides) -> PicoDecoderConfig:
         """A named preset (tiny, small, medium, large) with some fields overridden."""
         if name not in PRESETS:
-            raise ValueError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
@@ -70,7 +72,7 @@ class PicoDecoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in fields:
             if key not in known:
-                raise ValueError(f"model.{key} is not a model field; known fields: {sorted(known)}")
+                raise ConfigError(f"model.{key} is not a model field; known fields: {sorted(known)}")
         return cls(**fields)
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ import torch._dynamo
 
 from pico.capture import capture, capture_weights
 from pico.distributed import parallelize
+from pico.errors import ConfigError
 from tests.capture.common import LAYERS, SEQ, batch, global_mean_loss, tiny_model, train_step
 
 
@@ -126,13 +127,13 @@ def test_suffix_matching_and_errors():
             "layers.1.attention.v_proj",
             "layers.1.swiglu.w_2",
         ]
-    with pytest.raises(ValueError, match="'proj'"):  # suffixes match whole dot-separated parts only
+    with pytest.raises(ConfigError, match="'proj'"):  # suffixes match whole dot-separated parts only
         with capture(model, ["proj"]):
             pass
-    with pytest.raises(ValueError, match="'attention.nope'"):
+    with pytest.raises(ConfigError, match="'attention.nope'"):
         with capture(model, ["attention.v_proj", "attention.nope"]):
             pass
-    with pytest.raises(ValueError, match="positions='first'"):
+    with pytest.raises(ConfigError, match="positions='first'"):
         with capture(model, LAYERS, positions="first"):
             pass
     assert hooks(model) == 0
@@ -147,7 +148,9 @@ def test_suffix_matching_and_errors():
 def test_activation_checkpointing_records_each_forward_once():
     model, rows = tiny_model(), batch()
     reference = copy.deepcopy(model)
-    model = parallelize(model, "ddp", world_size=1, device=torch.device("cpu"), activation_checkpointing=True)
+    model = parallelize(
+        model, strategy="ddp", world_size=1, device=torch.device("cpu"), activation_checkpointing=True
+    )
     assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
     with capture(model, LAYERS) as cap:
         train_step(model, rows, micro_batch_size=4)  # backward re-runs each block's forward

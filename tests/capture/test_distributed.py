@@ -23,7 +23,7 @@ def single_process(positions: str) -> dict:
 
 def _capture_on_two_ranks(strategy: str, positions: str, reference: dict, directory: str):
     rank = dist.get_rank()
-    model = parallelize(tiny_model(), strategy, world_size=2, device=torch.device("cpu"))
+    model = parallelize(tiny_model(), strategy=strategy, world_size=2, device=torch.device("cpu"))
     rows = batch()
     with capture(model, LAYERS, positions=positions) as cap:
         train_step(model, rows, micro_batch_size=2)  # rows [4r, 4r+4) in 2 micro-batches, sync on the last

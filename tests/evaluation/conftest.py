@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pico.data.demo import train_tokenizer
-from pico.evaluation.tasks import TRUTHFULQA_PRIMER
+from pico.evaluation.choice import TRUTHFULQA_PRIMER
 from pico.model import PicoDecoder, PicoDecoderConfig
 
 SEQ_LEN = 128  # shorter than TruthfulQA's primer, so its left truncation is compared too

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pico.config import ConfigError, load_config
 from pico.evaluation import TaskError, TaskSpec, evaluate_tasks, load_tasks
 from pico.model import from_pretrained
 from tests.evaluation.conftest import SEQ_LEN, arc_docs, hellaswag_docs, truthfulqa_docs, write_jsonl
@@ -67,7 +68,7 @@ def bad_files(tmp: Path) -> dict:
         ),
         "paloma missing": (TaskSpec("paloma", str(tmp / "no_parquet")), "paloma: "),
         "limit zero": (TaskSpec("arc_easy", limit=0), "arc_easy: limit must be ≥ 1"),
-        "twice": (TaskSpec("blimp"), "blimp: task listed more than once"),
+        "twice": (TaskSpec("blimp"), "blimp: task 'blimp' is listed twice"),
     }
 
 
@@ -96,6 +97,31 @@ def test_bad_input_raises_one_line_naming_task_file_and_row(workspace, tmp_path,
         load_tasks(specs, workspace["model_dir"], SEQ_LEN)
     assert fragment in str(error.value) and "\n" not in str(error.value)
     assert isinstance(error.value, ValueError)
+
+
+def test_a_text_token_outside_the_vocabulary_names_the_document(workspace):
+    spec = TaskSpec("arc_easy", str(workspace["files"]["arc_easy"]))
+    with pytest.raises(
+        TaskError, match=r"^arc_easy: .*arc_easy.jsonl row 0: choice 0: token id \d+ is outside"
+    ):
+        load_tasks([spec], workspace["model_dir"], SEQ_LEN, vocab_size=8)
+
+
+def test_the_config_checks_tasks_with_the_same_check_naming_its_keys():
+    cases = {
+        ("evaluation.tasks=[lambada]",): "evaluation.tasks[0]: unknown task 'lambada' (known: ",
+        ("evaluation.data=d", "evaluation.tasks=[paloma]"): (
+            "evaluation.tasks[0]: task 'paloma' is listed twice (also evaluation.data)"
+        ),
+        (
+            "evaluation.tasks=[blimp, {name: blimp, limit: 3}]",
+        ): "evaluation.tasks[1]: task 'blimp' is listed twice",
+        ("evaluation.tasks=[{name: blimp, limit: 0}]",): "evaluation.tasks[0]: limit must be ≥ 1, got 0",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(None, list(overrides))
+        assert str(error.value).startswith(message), (overrides, str(error.value))
 
 
 def test_hub_dataset_unreachable_is_a_clean_error(workspace, monkeypatch):
@@ -189,10 +215,14 @@ def test_recipe_prints_a_table_and_writes_the_json(workspace, step_dir, tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--task", "lambada"], "unknown task 'lambada'"),
+        (["--task", "lambada"], "evaluation error: --task lambada: unknown task 'lambada'"),
         (
             ["--task", "hellaswag=/nonexistent/hs.jsonl"],
-            "hellaswag: /nonexistent/hs.jsonl: no such file or directory",
+            "evaluation error: hellaswag: /nonexistent/hs.jsonl: no such file or directory",
+        ),
+        (
+            ["--task", "blimp", "--task", "blimp"],
+            "evaluation error: --task blimp: task 'blimp' is listed twice",
         ),
     ],
 )
@@ -200,13 +230,13 @@ def test_recipe_exits_2_with_one_line_on_bad_input(step_dir, args, message):
     proc = run_recipe("--model", str(step_dir), *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"evaluate.py: error: {message}")
+    assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
 def test_recipe_rejects_a_model_path_that_is_no_model(tmp_path):
     proc = run_recipe("--model", str(tmp_path), "--task", "blimp")
     assert (
         proc.returncode == 2
-        and "neither a step dir" in proc.stderr
+        and proc.stderr.startswith(f"config error: --model {tmp_path}: neither a step dir")
         and len(proc.stderr.strip().splitlines()) == 1
     )

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from pico.distributed import parallelize
-from pico.evaluation import TaskSpec, evaluate_tasks, flat_metrics, format_results, load_tasks, perplexity
+from pico.evaluation import (
+    TASKS,
+    TaskSpec,
+    evaluate_tasks,
+    flat_metrics,
+    format_results,
+    load_tasks,
+    perplexity,
+    register_task,
+    score_requests,
+)
 from pico.model import from_pretrained
 from tests.distributed import run_distributed_test
 from tests.evaluation.conftest import SEQ_LEN
@@ -107,7 +117,9 @@ def _on_two_ranks(strategy: str, model_dir: str, task_specs: list[TaskSpec], exp
     import torch.distributed as dist
 
     tasks = load_tasks(task_specs, model_dir, SEQ_LEN)
-    model = parallelize(from_pretrained(model_dir), strategy, 2, torch.device("cpu"))
+    model = parallelize(
+        from_pretrained(model_dir), strategy=strategy, world_size=2, device=torch.device("cpu")
+    )
     results = evaluate_tasks(model, tasks, torch.device("cpu"))
     gathered = [None, None]
     dist.all_gather_object(gathered, results)
@@ -126,3 +138,31 @@ def test_two_ranks_equal_one_process(workspace, tmp_path, strategy):
     )
     assert len(expected) == 7 and math.isfinite(expected["paloma"]["perplexity"])
     run_distributed_test(_on_two_ranks, args=(strategy, str(workspace["model_dir"]), task_specs, expected))
+
+
+class Copies:
+    """A task of token ids outside pico: each document a row whose second half continues its first half."""
+
+    def __init__(self, spec, seq_len):
+        rows = np.random.default_rng(0).integers(0, 64, (spec.limit or 5, seq_len + 1))
+        self.name, self.max_length, self.batch_size = spec.name, seq_len, spec.batch_size
+        self.requests = [(row[: seq_len // 2], row[seq_len // 2 :]) for row in rows]
+
+    def aggregate(self, lls):
+        return {"mean_ll": float(lls.mean()), "n": len(self.requests)}
+
+
+def test_a_registered_task_runs_like_the_built_in_ones(workspace):
+    """The Task interface and the registry are the whole contract: a task registered from outside pico is
+    validated, loaded without a tokenizer and scored by the one scorer, as paloma is."""
+    register_task("copies", text=False)(lambda spec, encoder, seq_len, vocab_size: Copies(spec, seq_len))
+    try:
+        model = from_pretrained(workspace["model_dir"])
+        (task,) = load_tasks([TaskSpec("copies", limit=6, batch_size=4)], None, SEQ_LEN)
+        result = evaluate_tasks(model, [task], torch.device("cpu"))["copies"]
+        lls = score_requests(model, task.requests, torch.device("cpu"), SEQ_LEN)
+        assert result == {"mean_ll": float(lls.mean()), "n": 6} and lls.shape == (6,)
+        with pytest.raises(ValueError, match="'copies' is already registered"):
+            register_task("copies")(Copies)
+    finally:
+        del TASKS["copies"]

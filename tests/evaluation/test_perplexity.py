@@ -7,18 +7,11 @@ import torch.nn.functional as F
 
 from pico.distributed import parallelize
 from pico.evaluation import perplexity
-from pico.model import PicoDecoder, PicoDecoderConfig
+from pico.model import PicoDecoder
 from tests.distributed import run_distributed_test
+from tests.tiny import model_config
 
-CFG = PicoDecoderConfig(
-    d_model=32,
-    n_layers=2,
-    attention_n_heads=4,
-    attention_n_kv_heads=2,
-    activation_hidden_dim=64,
-    vocab_size=64,
-    max_seq_len=16,
-)
+CFG = model_config(max_seq_len=16)
 
 
 def model_and_batches(n_batches=4, batch=2):
@@ -49,7 +42,7 @@ def _sharded(strategy):
             [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") for x, y in batches]
         ).double()
     rank = dist.get_rank()
-    model = parallelize(model, strategy, 2, torch.device("cpu"))
+    model = parallelize(model, strategy=strategy, world_size=2, device=torch.device("cpu"))
     result = perplexity(model, batches[rank::2], torch.device("cpu"))
     assert result["tokens"] == reference.numel()
     assert math.isclose(result["loss"], reference.mean().item(), rel_tol=1e-6)
@@ -65,7 +58,7 @@ def _no_stale_weights_after_eval():
 
     def run(evaluate):
         model, batches = model_and_batches()
-        model = parallelize(model, "fsdp", 2, torch.device("cpu"))
+        model = parallelize(model, strategy="fsdp", world_size=2, device=torch.device("cpu"))
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses = []
         for x, y in batches[:2]:

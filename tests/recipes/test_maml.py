@@ -16,8 +16,9 @@ from pico.config import ConfigError, load_config
 from pico.model import PicoDecoder, PicoDecoderConfig
 from recipes.maml_modules import MamlConfig, MamlDecoder, MamlRunConfig, adapt, maml_step, step_episodes
 from tests.distributed import run_distributed_test
-from tests.recipes.common import MODEL, SEQ, STEPS, launch
+from tests.recipes.common import launch
 from tests.recipes.test_pretrain import data, losses, overrides, weights  # noqa: F401 (data: a fixture)
+from tests.tiny import MODEL, SEQ, STEPS
 
 CFG = PicoDecoderConfig(16, 1, 2, 1, 32, vocab_size=24, max_seq_len=16)
 MASK = 23
@@ -182,7 +183,7 @@ def test_maml_section_is_strictly_validated(override, message):
         load_config(None, [override], cls=MamlRunConfig)
 
 
-# End to end: the recipe's micro model and random shards (tests/recipes/common.py).
+# End to end: the recipe's micro model and random shards (tests/tiny.py).
 
 
 @pytest.fixture(scope="module")

@@ -13,37 +13,30 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.recipes.common import MODEL, ROOT, SEQ, STEPS, VOCAB, launch, write_shards
+from tests.recipes.common import ROOT, launch
+from tests.tiny import SEQ, STEPS, VOCAB, shards, tiny_run
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return write_shards(root / "train", 160, seed=1), write_shards(root / "eval", 24, seed=2, files=1)
+    return shards(tmp_path_factory.mktemp("data"), 160, 24)
 
 
 def overrides(data, run_dir, *extra):
+    """The tiny run with both eval splits, in-situ metrics and the paloma task on the eval shards."""
     train, evals = data
-    return [
-        *MODEL,
-        f"data.path={train}",
-        f"data.seq_len={SEQ}",
-        "data.batch_size=8",
-        "data.micro_batch_size=2",
-        f"training.max_steps={STEPS}",
+    return tiny_run(
+        train,
+        run_dir,
         "training.lr=1e-3",
         "training.warmup_steps=2",
         "training.seed=3",
-        f"checkpointing.run_dir={run_dir}",
-        "checkpointing.save_every=3",
-        f"learning_dynamics.eval_data={evals}",
-        "learning_dynamics.eval_batch_size=4",
         "learning_dynamics.metrics=[per, norm]",
         f"evaluation.data={evals}",
         "evaluation.batch_size=4",
-        "logging.log_every=1",
         *extra,
-    ]
+        evals=evals,
+    )
 
 
 def losses(run_dir):

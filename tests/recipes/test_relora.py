@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from pico.capture import capture_weights
-from pico.config import ConfigError
+from pico.config import ConfigError, load_config
 from pico.model import save_pretrained
 from pico.training import captured_step, train_step
-from tests.recipes.common import LAYERS, MODEL, ROOT, SEQ, VOCAB, launch
+from tests.recipes.common import ROOT, launch
 from tests.recipes.test_pretrain import losses, overrides, weights
+from tests.tiny import LAYERS, MODEL, SEQ, VOCAB, shards
 
 sys.path.insert(0, str(ROOT / "recipes"))  # as `python recipes/relora.py` runs: its sibling modules import
 relora = importlib.import_module("relora")
@@ -33,7 +34,7 @@ RELORA = [
 
 
 def config(*extra):
-    return relora.load_config(None, [*MODEL, f"data.seq_len={SEQ}", *RELORA, *extra])
+    return load_config(None, [*MODEL, f"data.seq_len={SEQ}", *RELORA, *extra], cls=lora.ReLoRARunConfig)
 
 
 def tiny(*extra, seed=3):
@@ -177,7 +178,7 @@ def test_bad_relora_config_names_the_key():
             config(override)
         assert str(err.value).startswith(message), (override, str(err.value))
     with pytest.raises(
-        ValueError, match=r"relora.target_modules: no nn.Linear of PicoDecoder ends with 'swiglu.w_9'"
+        ConfigError, match=r"relora.target_modules: no nn.Linear of PicoDecoder ends with 'swiglu.w_9'"
     ):
         tiny("relora.target_modules=[swiglu.w_9]")
 
@@ -205,10 +206,7 @@ def run_args(data, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.recipes.common import write_shards
-
-    root = tmp_path_factory.mktemp("data")
-    return write_shards(root / "train", 160, seed=1), write_shards(root / "eval", 24, seed=2, files=1)
+    return shards(tmp_path_factory.mktemp("data"), 160, 24)
 
 
 @pytest.fixture(scope="module")

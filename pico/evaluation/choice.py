@@ -1,6 +1,7 @@
 """Multiple-choice tasks (BLiMP, HellaSwag, ARC, TruthfulQA): prompts and metrics as lm-evaluation-harness's.
 
 Each document becomes a context and k ≥ 2 choices; choice i is scored as the continuation " " + choice_i.
+Every task of CHOICE_TASKS is registered (pico.evaluation.task) with `load_choice_task` as its loader.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from pico.evaluation.documents import hub_configs, hub_documents, is_hub_id, local_documents, require
-from pico.evaluation.tokens import Encoder, TaskError
+from pico.evaluation.task import TaskError, TaskSpec, register_task
+from pico.evaluation.tokens import Encoder
 
 # TruthfulQA's six-shot QA primer, as the harness's truthfulqa_mc1/mc2 prompt carries it.
 TRUTHFULQA_PRIMER = (
@@ -105,7 +107,7 @@ def blimp_item(task: str, doc: dict, where: str) -> Item:
 
 
 @dataclass(frozen=True)
-class TaskDef:
+class ChoiceDef:
     """Where a task's documents live on the Hub, the columns they need, and how one becomes an Item."""
 
     dataset: str
@@ -116,11 +118,11 @@ class TaskDef:
     metrics: str  # "acc" (acc, acc_norm), "blimp", "mc1" or "mc2"
 
 
-TASKS = {
-    "blimp": TaskDef(
+CHOICE_TASKS = {
+    "blimp": ChoiceDef(
         "nyu-mll/blimp", None, "train", ("sentence_good", "sentence_bad", "field", "UID"), blimp_item, "blimp"
     ),
-    "hellaswag": TaskDef(
+    "hellaswag": ChoiceDef(
         "Rowan/hellaswag",
         None,
         "validation",
@@ -128,13 +130,13 @@ TASKS = {
         hellaswag_item,
         "acc",
     ),
-    "arc_easy": TaskDef(
+    "arc_easy": ChoiceDef(
         "allenai/ai2_arc", "ARC-Easy", "test", ("question", "choices", "answerKey"), arc_item, "acc"
     ),
-    "arc_challenge": TaskDef(
+    "arc_challenge": ChoiceDef(
         "allenai/ai2_arc", "ARC-Challenge", "test", ("question", "choices", "answerKey"), arc_item, "acc"
     ),
-    "truthfulqa_mc1": TaskDef(
+    "truthfulqa_mc1": ChoiceDef(
         "truthfulqa/truthful_qa",
         "multiple_choice",
         "validation",
@@ -142,7 +144,7 @@ TASKS = {
         truthfulqa_item("mc1_targets"),
         "mc1",
     ),
-    "truthfulqa_mc2": TaskDef(
+    "truthfulqa_mc2": ChoiceDef(
         "truthfulqa/truthful_qa",
         "multiple_choice",
         "validation",
@@ -155,7 +157,7 @@ TASKS = {
 
 def _documents(name: str, spec_path: str | None, limit: int | None) -> tuple[str, list[tuple[dict, str]]]:
     """The task's source (path or Hub id) and its (record, where) documents, limited (BLiMP: per UID)."""
-    task = TASKS[name]
+    task = CHOICE_TASKS[name]
     per_uid = name == "blimp"
     if spec_path is not None and not is_hub_id(spec_path):
         documents = local_documents(name, spec_path)
@@ -242,11 +244,12 @@ def _blimp_metrics(correct: np.ndarray, items: list[Item]) -> dict:
 
 
 def load_choice_task(
-    name: str, path: str | None, limit: int | None, batch_size: int | None, encoder: Encoder, max_length: int
+    spec: TaskSpec, encoder: Encoder, max_length: int, vocab_size: int | None = None
 ) -> ChoiceTask:
-    """Read, validate and tokenize a multiple-choice task; every bad document raises a one-line TaskError."""
-    task = TASKS[name]
-    source, documents = _documents(name, path, limit)
+    """Read, validate and tokenize a multiple-choice task; every bad document raises a one-line TaskError
+    (a token id outside `vocab_size` too)."""
+    name, task = spec.name, CHOICE_TASKS[spec.name]
+    source, documents = _documents(name, spec.path, spec.limit)
     items, requests = [], []
     for doc, where in documents:
         require(name, doc, where, task.columns)
@@ -261,6 +264,16 @@ def load_choice_task(
                 raise TaskError(
                     f"{name}: {where}: choice {i} has {len(continuation)} tokens, need 1..{max_length}"
                 )
+            top = max(context + continuation)
+            if vocab_size is not None and top >= vocab_size:
+                raise TaskError(
+                    f"{name}: {where}: choice {i}: token id {top} is outside the model's vocabulary of "
+                    f"{vocab_size}"
+                )
             requests.append((np.array(context, dtype=np.int64), np.array(continuation, dtype=np.int64)))
         items.append(item)
-    return ChoiceTask(name, source, task.metrics, items, requests, max_length, batch_size)
+    return ChoiceTask(name, source, task.metrics, items, requests, max_length, spec.batch_size)
+
+
+for _name in CHOICE_TASKS:
+    register_task(_name)(load_choice_task)
