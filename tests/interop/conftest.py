@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from pico.data.demo import train_tokenizer
 from pico.model import PicoDecoder, PicoDecoderConfig
-from pico.model.hf import pico_to_llama_name, save_tokenizer, special_token_ids
+from pico.model.hf import pico_to_llama_name
 
 TEXT = [  # invented lines for a tiny BPE
     "The painter carries seven lanterns under the bridge at dawn.",
@@ -50,8 +50,7 @@ def export(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    model.save_pretrained(root / "model", **special_token_ids(root / "tokenizer.json"))
-    save_tokenizer(root / "tokenizer.json", root / "model", config.max_seq_len)
+    model.save_pretrained(root / "model", tokenizer=root / "tokenizer.json")
     return root / "model"
 
 
