@@ -201,3 +201,11 @@ DATA_FINGERPRINT = "data_fingerprint.json"
 def data_fingerprint_file(run_dir) -> Path:
     """`<run_dir>/data_fingerprint.json`: what data the run trained on (written by pico.data.fingerprint)."""
     return Path(run_dir) / DATA_FINGERPRINT
+
+
+RECAPTURE = "recapture.json"  # a re-captured run's models and eval batch (pico.analysis.recapture)
+
+
+def recapture_file(run_dir) -> Path:
+    """`<run_dir>/recapture.json`: which model each step of a re-captured run came from (docs/analysis.md)."""
+    return Path(run_dir) / RECAPTURE

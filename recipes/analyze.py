@@ -7,6 +7,8 @@ r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
     python recipes/analyze.py --run runs/tiny --plot evals=[blimp/acc] \
         metrics=[condition_number] data_types=[gradients] components=[attention.v_proj]
     python recipes/analyze.py --hub pico-lm/pico-decoder-tiny --revision pico-decoder-tiny-1   # docs/hub.md
+    python recipes/analyze.py --model runs/tiny/checkpoints/step_0/model --model ORG/NAME@step1000 \
+        --eval-data data/eval --eval-batch-size 64 --output runs/suite    # re-captured (docs/analysis.md)
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
 metrics.csv, tensorboard/ and, with --plot, plots/*.png (with several runs also plots/runs/*.png in the
@@ -16,9 +18,26 @@ first run's folder: one line per run). Bad input exits with code 2 and one line 
 import argparse
 from pathlib import Path
 
-from pico.analysis import analyze, load_spec, save
+from pico.analysis import AnalysisError, analyze, compute_device, load_spec, save
+from pico.analysis.recapture import check_eval_only, parse_steps, recapture, spec_layers
 from pico.analysis.sources import analysis_runs
 from pico.errors import exit_on
+
+
+def recaptured_run(args, spec) -> Path:
+    """The run directory `--output` holding the learning dynamics of each `--model`, re-captured."""
+    if not (args.model and args.eval_data and args.output):
+        raise AnalysisError("--model, --eval-data and --output go together")
+    check_eval_only(spec)
+    return recapture(
+        args.model,
+        eval_data=args.eval_data,
+        output=args.output,
+        eval_batch_size=args.eval_batch_size,
+        steps=parse_steps(args.steps),
+        layers=spec_layers(spec),
+        device=compute_device(spec.device, spec.dtype)[0],
+    )
 
 
 @exit_on()  # bad input (the spec, a run, a file in it, the Hub): one line `<kind>: <message>`, exit 2
@@ -41,13 +60,28 @@ def main(argv=None):
     )
     parser.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
     parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="M",
+        help="an HF model dir or repo_id@revision: re-capture its learning dynamics (repeatable)",
+    )
+    parser.add_argument("--eval-data", metavar="P", help="--model: pretokenized parquet, its first rows")
+    parser.add_argument("--eval-batch-size", type=int, default=64, metavar="N", help="--model: rows")
+    parser.add_argument("--steps", metavar="0,1000,...", help="--model: each model's step")
+    parser.add_argument("--output", metavar="DIR", help="--model: the run directory written")
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. steps=[0,1000]"
     )
     args = parser.parse_args(argv)
 
-    spec = load_spec(args.config, args.overrides)
+    eval_only = ["splits=[eval]"] if args.model and args.config is None else []  # all a re-capture has
+    spec = load_spec(args.config, eval_only + args.overrides)
     # every run as a local folder in pico's layout (a pico-train run converted, a Hub run downloaded)
     read, write = analysis_runs(spec, runs=args.run, hub_repos=args.hub, revision=args.revision)
+    if args.model or args.eval_data or args.output or args.steps:  # HF checkpoints, re-captured into a run
+        out = recaptured_run(args, spec)
+        read, write = [*read, out], [*write, out]
     rows = analyze(read, spec)
     written = save(rows, write, spec, plot=args.plot)
     pngs = [p for p in written if str(p).endswith(".png")]
