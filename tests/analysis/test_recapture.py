@@ -19,7 +19,8 @@ from pico.run_dir import DEFAULT_LAYERS, recapture_file, step_dir
 from pico.training import captured_step
 from recipes.analyze import main as analyze_main
 from tests.hub.standin import LocalHub
-from tests.recipes.common import MODEL, SEQ, launch, write_shards
+from tests.recipes.common import launch
+from tests.tiny import MODEL, SEQ, write_shards
 
 STEPS = (0, 3, 6)
 REPO = "pico-lm/recapture-test"

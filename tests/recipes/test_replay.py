@@ -10,7 +10,8 @@ from pico.config import load_config
 from pico.data import DataError, Replay, TokenStream, batch_at, build_index, read_batch, when_seen
 from pico.data.fingerprint import record_fingerprint, train_fingerprint
 from pico.run_dir import dynamics_file, list_steps, step_dir
-from tests.recipes.common import MODEL, SEQ, launch, write_shards
+from tests.recipes.common import launch
+from tests.tiny import MODEL, SEQ, write_shards
 
 STEPS, B = 10, 8  # 44 rows: batch 5 holds the last 4 of epoch 0 and the first 4 of epoch 1
 
