@@ -269,9 +269,7 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
         recipe("analyze").main(["--run", str(run)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
-    assert (
-        err.strip().splitlines()[-1].startswith(f"analysis error: {path}: not a readable safetensors file (")
-    )
+    assert err.strip().splitlines()[-1].startswith(f"run error: {path}: not a readable safetensors file (")
 
 
 def test_truncated_exported_model_names_the_file(finished, tmp_path):

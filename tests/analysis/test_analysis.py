@@ -293,7 +293,7 @@ def test_cli_bad_key_exits_2(run):
     result = cli("--run", run, "metricz=[per]")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "config error: metricz: unknown key (allowed: name, steps, splits, data_types, components, metrics, "
+        "spec error: metricz: unknown key (allowed: name, steps, splits, data_types, components, metrics, "
         "compare, "
         "target_step, device, dtype, evals)"
     ]

@@ -246,7 +246,7 @@ def test_runs_whose_gradients_mean_different_things_are_not_compared(runs, tmp_p
     pico_run = make_run(tmp_path / "run-1", steps=(0, 10))
     err = error_of(capsys, "--run", str(runs[2].path), "--run", str(pico_run))
     assert err.startswith(
-        "error: eval gradients of pico-decoder-test-1 are the mean of sub-batch means (pico-train:"
+        "analysis error: eval gradients of pico-decoder-test-1 are the mean of sub-batch means (pico-train:"
     )
     assert "and of run-1 the batch mean: comparing them would mix two quantities" in err
     rows = analyze("--run", str(runs[2].path), "--run", str(pico_run), "splits=[train]")  # batch means both
@@ -257,8 +257,8 @@ def test_runs_whose_gradients_mean_different_things_are_not_compared(runs, tmp_p
 def test_one_device_activations_are_refused_with_one_line(runs, capsys):
     err = error_of(capsys, "--run", str(runs[1].path), "data_types=[activations]", "metrics=[per]")
     assert err.startswith(
-        "error: nothing left to analyse in pico-decoder-test-1: no train split at step 4 (no rows for "
-        "those); activations (eval, train) are not analysed: pico-train on one "
+        "analysis error: nothing left to analyse in pico-decoder-test-1: no train split at step 4 "
+        "(no rows for those); activations (eval, train) are not analysed: pico-train on one "
     )
     assert (
         "(training.fabric.num_devices x num_nodes = 1) stores each sub-batch's activations transposed" in err
@@ -380,8 +380,8 @@ def test_activations_at_different_positions_are_not_compared(runs, wide, capsys)
     args = ["metrics=[cka]", "compare=runs", "data_types=[activations]", "splits=[eval]"]
     err = error_of(capsys, "--run", str(runs[2].path), "--run", str(wide.path), *args)
     assert re.fullmatch(
-        r"error: cka: eval activations of \S+pico-decoder-wide-1/checkpoints/step_0 are at positions '0' and "
-        r"of \S+pico-decoder-test-1/checkpoints/step_0 at 'last', so they describe different tokens",
+        r"analysis error: cka: eval activations of \S+pico-decoder-wide-1/checkpoints/step_0 are at "
+        r"positions '0' and of \S+pico-decoder-test-1/checkpoints/step_0 at 'last', so they describe different tokens",
         err,
     )
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-import pico.hub
+import pico.hub.api
+import pico.hub.cli
 from pico.hub import read_journal
 from pico.run_dir import step_dir
 from tests.hub.standin import LocalHub
@@ -31,7 +32,7 @@ def standin(tmp_path):
 
 
 def train(standin, data, run_dir, steps, *extra, check=True):
-    """The recipe in a subprocess, its pico.hub talking to `standin`."""
+    """The recipe in a subprocess, its Hub calls going to `standin`."""
     args = tiny_run(data, run_dir, "training.warmup_steps=1", *extra, steps=steps, batch_size=4, save_every=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(LAUNCH), str(standin.root), "recipes/pretrain.py", *args]
@@ -82,9 +83,9 @@ def test_network_down_for_the_whole_run(standin, data, tmp_path, monkeypatch):
     assert f"python -m pico.hub upload {run} --repo-id {REPO} --branch offline" in proc.stdout
     assert read_journal(run, f"{REPO}@offline") == {}
     standin.set_faults()  # the network is back: the retry command uploads everything
-    monkeypatch.setattr(pico.hub, "connect", lambda: standin)
+    monkeypatch.setattr(pico.hub.api, "connect", lambda: standin)
     with pytest.raises(SystemExit) as e:
-        pico.hub.main(["upload", str(run)])  # repo id from the run's config.yaml
+        pico.hub.cli.main(["upload", str(run)])  # repo id from the run's config.yaml
     assert e.value.code == 0
     assert step_titles(standin, "offline") == ["step 0", "step 2", "step 4"]
 
