@@ -381,7 +381,8 @@ def test_activations_at_different_positions_are_not_compared(runs, wide, capsys)
     err = error_of(capsys, "--run", str(runs[2].path), "--run", str(wide.path), *args)
     assert re.fullmatch(
         r"analysis error: cka: eval activations of \S+pico-decoder-wide-1/checkpoints/step_0 are at "
-        r"positions '0' and of \S+pico-decoder-test-1/checkpoints/step_0 at 'last', so they describe different tokens",
+        r"positions '0' and of \S+pico-decoder-test-1/checkpoints/step_0 at 'last', so they describe "
+        r"different tokens",
         err,
     )
 
