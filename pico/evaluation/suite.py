@@ -64,32 +64,38 @@ def evaluate_tasks(
     return results
 
 
+COUNTS = ("n", "tokens")  # counts of what was scored, not metrics
+GROUPS = ("subsets", "fields")  # per-subset breakdowns: Paloma sources, BLiMP paradigms and fields
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """The metrics that are numbers (a stderr of None, counts and breakdowns left out)."""
+    return {k: v for k, v in metrics.items() if k not in COUNTS and isinstance(v, (int, float))}
+
+
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
     """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset or field>/<metric>, no counts."""
-
-    def numbers(prefix: str, metrics: dict) -> dict[str, float]:
-        return {
-            f"{prefix}/{k}": float(v)
-            for k, v in metrics.items()
-            if k not in ("n", "tokens") and isinstance(v, (int, float))
-        }
-
     flat = {}
     for task, metrics in results.items():
-        flat.update(numbers(f"eval/{task}", metrics))
-        for group in ("subsets", "fields"):
+        flat.update({f"eval/{task}/{k}": float(v) for k, v in _numbers(metrics).items()})
+        for group in GROUPS:
             for name, sub in metrics.get(group, {}).items():
-                flat.update(numbers(f"eval/{task}/{name}", sub))
+                flat.update({f"eval/{task}/{name}/{k}": float(v) for k, v in _numbers(sub).items()})
     return flat
 
 
 def format_results(results: dict[str, dict]) -> list[str]:
-    """One console line per task: its headline metrics and document count."""
+    """One console line per task: its headline metrics (± their stderr) and document count."""
     lines = []
     for task, metrics in results.items():
         if "error" in metrics:  # a task that failed at this checkpoint
             lines.append(f"{task:<15} | failed: {metrics['error']}")
             continue
-        shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens", "subsets", "fields")]
+        numbers = _numbers(metrics)
+        shown = [
+            f"{k} {v:.4f}" + (f" ± {numbers[k + '_stderr']:.4f}" if k + "_stderr" in numbers else "")
+            for k, v in numbers.items()
+            if not k.endswith("_stderr")
+        ]
         lines.append(f"{task:<15} | {' | '.join(shown)} | n {metrics['n']}")
     return lines
