@@ -24,17 +24,16 @@ def load_tasks(
     """Check the specs (`check_specs`, `keys` naming where each came from), then read, validate and tokenize
     every task's documents with its registered loader; a problem raises a one-line TaskError (ValueError).
 
-    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (tasks of token ids,
-    such as paloma, need none); `seq_len` is the longest input the model takes; with `vocab_size`, a token
-    id the model has no embedding for is an error naming the task.
+    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one; text tasks need it,
+    tasks of token ids get it too when given (paloma decodes its scored tokens for bits per byte). `seq_len`
+    is the longest input the model takes; with `vocab_size`, a token id the model has no embedding for is an
+    error naming the task.
     """
     check_specs(specs, keys)
     text = [spec.name for spec in specs if TASKS[spec.name].text]
-    encoder = None
-    if text:
-        if tokenizer is None:
-            raise TaskError(f"{', '.join(text)}: need a tokenizer (tokenizer.json)")
-        encoder = load_encoder(tokenizer)
+    if text and tokenizer is None:
+        raise TaskError(f"{', '.join(text)}: need a tokenizer (tokenizer.json)")
+    encoder = None if tokenizer is None else load_encoder(tokenizer)
     return [TASKS[spec.name].load(spec, encoder, seq_len, vocab_size) for spec in specs]
 
 
@@ -64,8 +63,8 @@ def evaluate_tasks(
     return results
 
 
-COUNTS = ("n", "tokens")  # counts of what was scored, not metrics
-GROUPS = ("subsets", "fields")  # per-subset breakdowns: Paloma sources, BLiMP paradigms and fields
+COUNTS = ("n", "tokens", "documents")  # counts of what was scored, not metrics
+GROUPS = ("subsets", "fields", "sources")  # per-subset breakdowns: BLiMP paradigms and fields, Paloma sources
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -74,7 +73,8 @@ def _numbers(metrics: dict) -> dict[str, float]:
 
 
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset or field>/<metric>, no counts."""
+    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset, field or source>/<metric>, no
+    counts."""
     flat = {}
     for task, metrics in results.items():
         flat.update({f"eval/{task}/{k}": float(v) for k, v in _numbers(metrics).items()})
