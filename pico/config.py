@@ -101,9 +101,10 @@ class EvaluationConfig:
     max_batches: int | None = None
     tasks: list[TaskSpec] = field(default_factory=list)
 
-    def task_specs(self, world_size: int) -> list[TaskSpec]:
-        """The tasks to run: `data` as the paloma task (max_batches batches per rank), then `tasks`."""
-        limit = None if self.max_batches is None else self.max_batches * self.batch_size * world_size
+    def task_specs(self) -> list[TaskSpec]:
+        """The tasks to run: `data` as the paloma task, then `tasks`. `max_batches` caps the rows globally
+        (its first max_batches × batch_size rows, whatever the world size), which the scorer then shards."""
+        limit = None if self.max_batches is None else self.max_batches * self.batch_size
         paloma = [TaskSpec("paloma", self.data, limit, self.batch_size)] if self.data else []
         return paloma + self.tasks
 
@@ -186,7 +187,7 @@ def _validate_evaluation(e: EvaluationConfig) -> None:
         raise ConfigError(f"evaluation.max_batches: must be positive or null, got {e.max_batches}")
     keys = ["evaluation.data"] * bool(e.data) + [f"evaluation.tasks[{i}]" for i in range(len(e.tasks))]
     try:
-        check_specs(e.task_specs(world_size=1), keys)  # evaluation.data is the paloma task
+        check_specs(e.task_specs(), keys)  # evaluation.data is the paloma task
     except TaskError as err:
         raise ConfigError(str(err)) from None
 

@@ -120,7 +120,7 @@ def main(argv=None):
     eval_batch = None  # the eval split's fixed batch (N, T+1): the same sequences at every checkpoint
     if ld.enabled and ld.eval_data:
         eval_batch = read_batch(ld.eval_data, ld.eval_batch_size, d.seq_len, model_cfg.vocab_size)
-    tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs(dist.world_size)
+    tokenizer, specs = find_tokenizer(d.path), cfg.evaluation.task_specs()
     tasks = load_tasks(specs, tokenizer, d.seq_len, vocab_size=model_cfg.vocab_size)
 
     # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also

@@ -1,6 +1,7 @@
 """The evaluations of a run: each step's eval.json (written by pico.checkpoint) as rows of a tidy table."""
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,13 +21,29 @@ class EvalRow(NamedTuple):
     value: float
 
 
-_COUNTS = ("n", "tokens")  # counts, not metrics (as in pico.evaluation.flat_metrics)
-_GROUPS = ("subsets", "fields")  # per-subset breakdowns: Paloma sources, BLiMP paradigms and fields
+_COUNTS = ("n", "tokens", "documents")  # counts, not metrics (as in pico.evaluation.flat_metrics)
+_GROUPS = ("subsets", "fields", "sources")  # breakdowns: BLiMP paradigms and fields, Paloma sources
+
+
+def _paloma_as_now(metrics: dict) -> dict:
+    """A paloma entry in today's shape. The earlier shape held sources under `subsets`, and its top-level
+    loss and perplexity were means over sources: that perplexity is today's `macro_perplexity`; the
+    token-level loss is recomputed exactly from each source's loss and tokens (the mean loss is dropped)."""
+    subsets = metrics.get("subsets")
+    if not isinstance(subsets, dict) or not subsets or "sources" in metrics:
+        return metrics
+    if not all(isinstance(s, dict) and {"loss", "tokens"} <= s.keys() for s in subsets.values()):
+        return metrics  # not the earlier shape: read as it stands
+    loss = sum(s["loss"] * s["tokens"] for s in subsets.values()) / sum(s["tokens"] for s in subsets.values())
+    rest = {k: v for k, v in metrics.items() if k not in ("loss", "perplexity", "subsets")}
+    now = {"perplexity": math.exp(loss), "loss": loss, "macro_perplexity": metrics.get("perplexity")}
+    return now | rest | {"sources": subsets}
 
 
 def read_evals(path, run: str = "") -> list[EvalRow]:
     """The rows of one eval.json, `{"step", "<task>": {...}}` or the old `{"step", "perplexity": {...}}`
-    (task "paloma"); counts and failed tasks (`{"error": ...}`) are left out."""
+    (task "paloma"; an earlier paloma entry as today's, `_paloma_as_now`); counts and failed tasks
+    (`{"error": ...}`) are left out."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -47,6 +64,7 @@ def read_evals(path, run: str = "") -> list[EvalRow]:
         if task == "step" or (isinstance(metrics, dict) and "error" in metrics):
             continue
         task = "paloma" if task == "perplexity" else task  # eval.json before the task registry
+        metrics = _paloma_as_now(metrics) if task == "paloma" and isinstance(metrics, dict) else metrics
         numbers(task, None, metrics)
         for group in _GROUPS:
             subsets = metrics.get(group, {})

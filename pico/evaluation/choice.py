@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pico.evaluation.documents import hub_configs, hub_documents, is_hub_id, local_documents, require
+from pico.evaluation.stderr import unweighted_mean_stderr, with_stderr
 from pico.evaluation.task import TaskError, TaskSpec, register_task
 from pico.evaluation.tokens import Encoder
 
@@ -194,29 +195,25 @@ class ChoiceTask:
     batch_size: int | None = None
 
     def aggregate(self, lls: torch.Tensor) -> dict:
-        """Metrics from the per-request log-likelihoods (R,), in request order."""
+        """Metrics from the per-request log-likelihoods (R,), in request order, each with its stderr."""
         per_doc, start = [], 0
         for item in self.items:
             per_doc.append(lls[start : start + len(item.choices)].numpy())
             start += len(item.choices)
-        if self.metrics == "mc1":
-            return {
-                "mc1": float(np.mean([np.argmax(ll) == item.gold for ll, item in zip(per_doc, self.items)])),
-                "n": len(self.items),
-            }
+        count = {"n": len(self.items)}
         if self.metrics == "mc2":
-            return {
-                "mc2": float(np.mean([_true_mass(ll, item.labels) for ll, item in zip(per_doc, self.items)])),
-                "n": len(self.items),
-            }
+            mass = [_true_mass(ll, item.labels) for ll, item in zip(per_doc, self.items)]
+            return with_stderr("mc2", mass) | count
         correct = np.array([np.argmax(ll) == item.gold for ll, item in zip(per_doc, self.items)], dtype=float)
+        if self.metrics == "mc1":
+            return with_stderr("mc1", correct) | count
         if self.metrics == "blimp":
             return _blimp_metrics(correct, self.items)
         lengths = [np.array([float(len(c)) for c in item.choices]) for item in self.items]
         normed = np.array(
-            [np.argmax(ll / n) == item.gold for ll, n, item in zip(per_doc, lengths, self.items)]
+            [np.argmax(ll / n) == item.gold for ll, n, item in zip(per_doc, lengths, self.items)], dtype=float
         )
-        return {"acc": float(correct.mean()), "acc_norm": float(normed.mean()), "n": len(self.items)}
+        return with_stderr("acc", correct) | with_stderr("acc_norm", normed) | count
 
 
 def _true_mass(ll: np.ndarray, labels: list[int]) -> float:
@@ -226,21 +223,27 @@ def _true_mass(ll: np.ndarray, labels: list[int]) -> float:
 
 
 def _blimp_metrics(correct: np.ndarray, items: list[Item]) -> dict:
-    """Accuracy per paradigm (UID), per field and overall as the mean over paradigms."""
+    """Accuracy per paradigm (UID), per field and overall as the mean over paradigms, each with its stderr
+    (a mean over paradigms: the harness's unweighted_mean_stderr of theirs)."""
     by_uid, field_of = defaultdict(list), {}
     for ok, item in zip(correct, items):
         by_uid[item.subset].append(ok)
         field_of[item.subset] = item.field
-    subsets = {uid: {"acc": float(np.mean(v)), "n": len(v)} for uid, v in sorted(by_uid.items())}
+    subsets = {uid: with_stderr("acc", v) | {"n": len(v)} for uid, v in sorted(by_uid.items())}
     by_field = defaultdict(list)
     for uid in subsets:
-        by_field[field_of[uid]].append(uid)
-    fields = {
-        f: {"acc": float(np.mean([subsets[u]["acc"] for u in uids])), "n": sum(subsets[u]["n"] for u in uids)}
-        for f, uids in sorted(by_field.items())
+        by_field[field_of[uid]].append(subsets[uid])
+    fields = {f: _mean_of(subs) for f, subs in sorted(by_field.items())}
+    return _mean_of(list(subsets.values())) | {"n": len(items), "subsets": subsets, "fields": fields}
+
+
+def _mean_of(subsets: list[dict]) -> dict:
+    """acc and acc_stderr of the unweighted mean over paradigms, and their documents `n`."""
+    return {
+        "acc": float(np.mean([s["acc"] for s in subsets])),
+        "acc_stderr": unweighted_mean_stderr([s["acc_stderr"] for s in subsets]),
+        "n": sum(s["n"] for s in subsets),
     }
-    acc = float(np.mean([s["acc"] for s in subsets.values()]))
-    return {"acc": acc, "n": len(items), "subsets": subsets, "fields": fields}
 
 
 def load_choice_task(

@@ -24,17 +24,16 @@ def load_tasks(
     """Check the specs (`check_specs`, `keys` naming where each came from), then read, validate and tokenize
     every task's documents with its registered loader; a problem raises a one-line TaskError (ValueError).
 
-    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one (tasks of token ids,
-    such as paloma, need none); `seq_len` is the longest input the model takes; with `vocab_size`, a token
-    id the model has no embedding for is an error naming the task.
+    `tokenizer` is a `tokenizers.Tokenizer`, a tokenizer.json or a model dir with one; text tasks need it,
+    tasks of token ids get it too when given (paloma decodes its scored tokens for bits per byte). `seq_len`
+    is the longest input the model takes; with `vocab_size`, a token id the model has no embedding for is an
+    error naming the task.
     """
     check_specs(specs, keys)
     text = [spec.name for spec in specs if TASKS[spec.name].text]
-    encoder = None
-    if text:
-        if tokenizer is None:
-            raise TaskError(f"{', '.join(text)}: need a tokenizer (tokenizer.json)")
-        encoder = load_encoder(tokenizer)
+    if text and tokenizer is None:
+        raise TaskError(f"{', '.join(text)}: need a tokenizer (tokenizer.json)")
+    encoder = None if tokenizer is None else load_encoder(tokenizer)
     return [TASKS[spec.name].load(spec, encoder, seq_len, vocab_size) for spec in specs]
 
 
@@ -64,32 +63,39 @@ def evaluate_tasks(
     return results
 
 
+COUNTS = ("n", "tokens", "documents")  # counts of what was scored, not metrics
+GROUPS = ("subsets", "fields", "sources")  # per-subset breakdowns: BLiMP paradigms and fields, Paloma sources
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """The metrics that are numbers (a stderr of None, counts and breakdowns left out)."""
+    return {k: v for k, v in metrics.items() if k not in COUNTS and isinstance(v, (int, float))}
+
+
 def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset or field>/<metric>, no counts."""
-
-    def numbers(prefix: str, metrics: dict) -> dict[str, float]:
-        return {
-            f"{prefix}/{k}": float(v)
-            for k, v in metrics.items()
-            if k not in ("n", "tokens") and isinstance(v, (int, float))
-        }
-
+    """Scalars for tensorboard: eval/<task>/<metric> and eval/<task>/<subset, field or source>/<metric>, no
+    counts."""
     flat = {}
     for task, metrics in results.items():
-        flat.update(numbers(f"eval/{task}", metrics))
-        for group in ("subsets", "fields"):
+        flat.update({f"eval/{task}/{k}": float(v) for k, v in _numbers(metrics).items()})
+        for group in GROUPS:
             for name, sub in metrics.get(group, {}).items():
-                flat.update(numbers(f"eval/{task}/{name}", sub))
+                flat.update({f"eval/{task}/{name}/{k}": float(v) for k, v in _numbers(sub).items()})
     return flat
 
 
 def format_results(results: dict[str, dict]) -> list[str]:
-    """One console line per task: its headline metrics and document count."""
+    """One console line per task: its headline metrics (± their stderr) and document count."""
     lines = []
     for task, metrics in results.items():
         if "error" in metrics:  # a task that failed at this checkpoint
             lines.append(f"{task:<15} | failed: {metrics['error']}")
             continue
-        shown = [f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "tokens", "subsets", "fields")]
+        numbers = _numbers(metrics)
+        shown = [
+            f"{k} {v:.4f}" + (f" ± {numbers[k + '_stderr']:.4f}" if k + "_stderr" in numbers else "")
+            for k, v in numbers.items()
+            if not k.endswith("_stderr")
+        ]
         lines.append(f"{task:<15} | {' | '.join(shown)} | n {metrics['n']}")
     return lines

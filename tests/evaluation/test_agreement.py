@@ -13,6 +13,8 @@ from tests.evaluation.conftest import SEQ_LEN
 
 lm_eval = pytest.importorskip("lm_eval")
 TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
+from lm_eval.api.metrics import mean_stderr, unweighted_mean_stderr  # noqa: E402  (after the import skip)
+
 CHOICE_TASKS = ["blimp", "hellaswag", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2"]
 # harness task name -> (its YAML, the split key it evaluates, that split's name, file in the workspace)
 HARNESS = {
@@ -119,6 +121,8 @@ def test_acc_and_acc_norm_equal_the_harness(pico, harness, task):
     ours, theirs = pico[task][2], harness[f"h_{task}"][0]
     assert ours["n"] == len(harness[f"h_{task}"][1])
     assert ours["acc"] == theirs["acc,none"] and ours["acc_norm"] == theirs["acc_norm,none"]
+    assert ours["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], rel=1e-12)
+    assert ours["acc_norm_stderr"] == pytest.approx(theirs["acc_norm_stderr,none"], rel=1e-12)
     assert (
         ours["acc"] != ours["acc_norm"] or task != "hellaswag"
     )  # the length normalisation decides some docs
@@ -130,6 +134,9 @@ def test_truthfulqa_mc1_and_mc2_equal_the_harness(pico, harness):
         harness["h_truthfulqa_mc2"][0]["acc,none"], abs=1e-6
     )
     assert 0 < pico["truthfulqa_mc2"][2]["mc2"] < 1
+    theirs = {name: harness[f"h_truthfulqa_{name}"][0]["acc_stderr,none"] for name in ("mc1", "mc2")}
+    assert pico["truthfulqa_mc1"][2]["mc1_stderr"] == pytest.approx(theirs["mc1"], rel=1e-12)
+    assert pico["truthfulqa_mc2"][2]["mc2_stderr"] == pytest.approx(theirs["mc2"], abs=1e-6)  # as mc2
 
 
 def test_blimp_per_paradigm_field_and_overall_equal_the_harness(pico, harness):
@@ -144,6 +151,40 @@ def test_blimp_per_paradigm_field_and_overall_equal_the_harness(pico, harness):
         np.mean([harness[n][0]["acc,none"] for n in per_uid.values()]), abs=1e-12
     )
     assert result["n"] == 24
+    for uid, name in per_uid.items():
+        assert result["subsets"][uid]["acc_stderr"] == pytest.approx(
+            harness[name][0]["acc_stderr,none"], rel=1e-12
+        )
+    # the harness's group stderr of an unweighted mean (lm_eval.api.group, weight_by_size false)
+    group = unweighted_mean_stderr([harness[n][0]["acc_stderr,none"] for n in per_uid.values()])
+    assert result["acc_stderr"] == pytest.approx(group, rel=1e-12)
+
+
+@pytest.mark.parametrize("task", CHOICE_TASKS)
+def test_stderr_is_the_harness_mean_stderr_of_the_per_document_values(pico, task):
+    """Each stderr against lm_eval.api.metrics.mean_stderr on the per-document values, recomputed from the
+    requests' log-likelihoods."""
+    loaded, lls, result = pico[task]
+    per_doc = np.split(lls.numpy(), np.cumsum([len(item.choices) for item in loaded.items])[:-1])
+    correct = [float(np.argmax(ll) == item.gold) for ll, item in zip(per_doc, loaded.items)]
+    if task == "truthfulqa_mc2":
+        p = [np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum() for ll in per_doc]
+        mass = [float(q[np.array(item.labels) == 1].sum()) for q, item in zip(p, loaded.items)]
+        assert result["mc2_stderr"] == pytest.approx(mean_stderr(mass), rel=1e-12)
+    elif task == "truthfulqa_mc1":
+        assert result["mc1_stderr"] == pytest.approx(mean_stderr(correct), rel=1e-12)
+    elif task == "blimp":
+        for uid, sub in result["subsets"].items():
+            kept = [c for c, item in zip(correct, loaded.items) if item.subset == uid]
+            assert sub["acc_stderr"] == pytest.approx(mean_stderr(kept), rel=1e-12)
+    else:
+        lengths = [np.array([len(c) for c in item.choices], dtype=float) for item in loaded.items]
+        normed = [
+            float(np.argmax(ll / n) == item.gold) for ll, n, item in zip(per_doc, lengths, loaded.items)
+        ]
+        assert result["acc_stderr"] == pytest.approx(mean_stderr(correct), rel=1e-12)
+        assert result["acc_norm_stderr"] == pytest.approx(mean_stderr(normed), rel=1e-12)
+        assert 0 < result["acc_stderr"] < 0.5
 
 
 def test_context_is_truncated_from_the_left_like_the_harness(pico):

@@ -210,6 +210,9 @@ def test_recipe_prints_a_table_and_writes_the_json(workspace, step_dir, tmp_path
     assert results["blimp"]["subsets"] == expected["blimp"]["subsets"] and results["blimp"]["n"] == 12
     assert results["truthfulqa_mc2"]["mc2"] == pytest.approx(expected["truthfulqa_mc2"]["mc2"], abs=1e-12)
     assert "blimp           | acc" in proc.stdout and "truthfulqa_mc2  | mc2" in proc.stdout
+    stderr = results["truthfulqa_mc2"]["mc2_stderr"]
+    assert stderr == pytest.approx(expected["truthfulqa_mc2"]["mc2_stderr"], abs=1e-12) and stderr > 0
+    assert f"mc2 {results['truthfulqa_mc2']['mc2']:.4f} ± {stderr:.4f} | n 6" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""paloma against perplexity(), per-source perplexity, and the same results on 1 and 2 ranks (DDP, FSDP2)."""
+"""paloma against perplexity(), the same results on 1 and 2 ranks (DDP, FSDP2), and evaluation.max_batches
+meaning the same rows at any world size. Paloma's figures: test_paloma.py."""
 
 import math
 
@@ -8,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pico.config import EvaluationConfig
 from pico.distributed import parallelize
 from pico.evaluation import (
     TASKS,
     TaskSpec,
     evaluate_tasks,
     flat_metrics,
-    format_results,
     load_tasks,
     perplexity,
     register_task,
@@ -71,29 +72,7 @@ def test_paloma_without_sources_is_todays_perplexity(workspace, tmp_path):
     assert result["paloma"]["tokens"] == expected["tokens"] == len(SOURCES) * PALOMA_LEN
     assert result["paloma"]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert result["paloma"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
-    assert "subsets" not in result["paloma"] and result["paloma"]["n"] == len(SOURCES)
-
-
-def test_paloma_per_source_and_macro_average(workspace, tmp_path):
-    model = from_pretrained(workspace["model_dir"])
-    path, ids = write_paloma(tmp_path / "sources", model.config.vocab_size, sources=True)
-    result = evaluate_tasks(
-        model, load_tasks([TaskSpec("paloma", path, batch_size=3)], None, PALOMA_LEN), torch.device("cpu")
-    )["paloma"]
-    assert sorted(result["subsets"]) == ["c4_en", "m2d2", "wikitext"]
-    for source, got in result["subsets"].items():
-        rows = [i for i, s in enumerate(SOURCES) if s == source]
-        expected = reference_perplexity(model, ids[rows])
-        assert got["n"] == len(rows) and got["tokens"] == expected["tokens"]
-        assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
-    macro = np.mean([s["perplexity"] for s in result["subsets"].values()])
-    assert result["perplexity"] == pytest.approx(macro, rel=1e-12)
-    assert result["perplexity"] != pytest.approx(reference_perplexity(model, ids)["perplexity"], rel=1e-3)
-    assert (
-        flat_metrics({"paloma": result})["eval/paloma/m2d2/perplexity"]
-        == result["subsets"]["m2d2"]["perplexity"]
-    )
-    assert format_results({"paloma": result})[0].startswith("paloma")
+    assert "sources" not in result["paloma"] and result["paloma"]["n"] == len(SOURCES)
 
 
 def test_paloma_limit_takes_the_first_rows_in_file_order(workspace, tmp_path):
@@ -102,6 +81,32 @@ def test_paloma_limit_takes_the_first_rows_in_file_order(workspace, tmp_path):
     (task,) = load_tasks([TaskSpec("paloma", path, limit=7)], None, PALOMA_LEN)
     assert task.sources == SOURCES[:7]
     assert np.array_equal(np.stack([np.concatenate(r) for r in task.requests]), ids[:7])
+
+
+def _capped(model_dir: str, paloma: str, world_size: int, expected: dict):
+    """The recipe's path: the config's task specs, loaded and scored on this rank's share of the batches."""
+    import torch.distributed as dist
+
+    specs = EvaluationConfig(data=paloma, batch_size=3, max_batches=2).task_specs()
+    model = parallelize(
+        from_pretrained(model_dir), strategy="ddp", world_size=world_size, device=torch.device("cpu")
+    )
+    results = evaluate_tasks(model, load_tasks(specs, None, SEQ_LEN), torch.device("cpu"))
+    assert dist.get_world_size() == world_size and results == expected
+
+
+def test_max_batches_caps_the_same_rows_at_any_world_size(workspace, tmp_path):
+    """evaluation.max_batches: 2 of batch_size 3 is the first 6 rows (of 11), on 1, 2 and 4 processes."""
+    model = from_pretrained(workspace["model_dir"])
+    path, ids = write_paloma(tmp_path / "capped", model.config.vocab_size, sources=False)
+    specs = EvaluationConfig(data=path, batch_size=3, max_batches=2).task_specs()
+    expected = evaluate_tasks(model, load_tasks(specs, None, SEQ_LEN), torch.device("cpu"))
+    assert expected["paloma"]["n"] == 6 < len(ids)
+    assert expected["paloma"]["loss"] == pytest.approx(reference_perplexity(model, ids[:6])["loss"], rel=1e-6)
+    for world_size in (2, 4):
+        run_distributed_test(
+            _capped, world_size, args=(str(workspace["model_dir"]), path, world_size, expected)
+        )
 
 
 def specs(workspace, paloma: str) -> list[TaskSpec]:
