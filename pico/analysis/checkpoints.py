@@ -11,12 +11,14 @@ import torch
 from pico.analysis.errors import AnalysisError
 from pico.components import get_component
 from pico.learning_dynamics import open_dynamics
+from pico.manifest import verify_files
 from pico.metrics import SingularValues, singular_values
 from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key
 
 
 class Checkpoint:
-    """One checkpoint's learning dynamics, read lazily: files opened once, each tensor read at most once."""
+    """One checkpoint's learning dynamics, read lazily: files opened once (and verified against the step's
+    manifest first, when it has one), each tensor read at most once."""
 
     def __init__(self, run_dir, step: int, device: torch.device, dtype: torch.dtype):
         self.step, self.device, self.dtype = step, device, dtype
@@ -26,7 +28,10 @@ class Checkpoint:
 
     def _file(self, name: str):
         if name not in self._files:
-            self._files[name] = open_dynamics(dynamics_file(self.dir, name), str(self.device))
+            path = dynamics_file(self.dir, name)
+            if path.is_file():
+                verify_files(self.dir, [path.relative_to(self.dir).as_posix()])
+            self._files[name] = open_dynamics(path, str(self.device))
         return self._files[name]
 
     def modules(self, data_type: str, split: str | None) -> list[str]:
@@ -69,6 +74,7 @@ class Checkpoint:
             path = model_config_file(self.dir)
             if not path.is_file():
                 raise AnalysisError(f"{path}: missing (compound components read n_heads from it)")
+            verify_files(self.dir, [path.relative_to(self.dir).as_posix()])
             self._config = json.loads(path.read_text())
         return self._config
 
