@@ -5,9 +5,12 @@ The layout is pico.run_dir's (docs/checkpoints.md); this module fills a step dir
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
+import pickle
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,24 +32,50 @@ from torch.distributed.checkpoint.state_dict import (
 import pico.run_dir  # publish_step through the module: tests/recipes/kill_at.py replaces it to kill there
 from pico.capture import module_name
 from pico.config import load_model_config
-from pico.distributed import agree_on_error, barrier, is_main, new_gloo_group, rank, unwrap
-from pico.errors import PicoError
-from pico.learning_dynamics import SplitDynamics, write_learning_dynamics
+from pico.distributed import agree_on_error, barrier, gather_to_main, is_main, new_gloo_group, rank, unwrap
+from pico.errors import PicoError, exit_on
+from pico.learning_dynamics import SplitDynamics, learning_dynamics_files
+from pico.manifest import (
+    HASH,
+    HashingWriter,
+    read_manifest,
+    run_root,
+    step_faults,
+    verify_files,
+    write_bytes,
+    write_manifest,
+    write_safetensors,
+)
 from pico.model.config import PicoDecoderConfig
-from pico.model.hf import export_state, pico_config_from_llama, save_pretrained
+from pico.model.hf import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_METADATA,
+    export_state,
+    model_files,
+    pico_config_from_llama,
+)
 from pico.run_dir import (
+    CHECKPOINTS,
     CONFIG,
+    DYNAMICS,
     EVAL,
+    MANIFEST,
     MODEL,
     STATE,
+    TRAIN_STATE,
+    CheckpointError,
     RunDirError,
     checkpoints_dir,
+    dynamics_file,
+    latest_checkpoint,
     list_steps,
     model_config_file,
     new_step_dir,
     step_dir,
     step_name,
 )
+from pico.state_reader import SafeLoadPlanner, StateReader, check_train_state, read_metadata
 
 
 @dataclass
@@ -58,12 +88,6 @@ class CheckpointStep:
     dynamics: dict[str, SplitDynamics] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] | None = None
     evals: dict | None = None
-
-
-class CheckpointError(PicoError, ValueError):
-    """A checkpoint that cannot be written or resumed from; the message names the step, file or rank."""
-
-    kind = "run error"
 
 
 class CheckpointWriter:
@@ -112,14 +136,18 @@ class CheckpointWriter:
         # could make `tmp/state` meanwhile, and its mkdir or rank 0's would fail (issue 22: a 4-rank run lost
         # its final checkpoint to FileNotFoundError .tmp_step_30/state).
         barrier()
-        state = {"model": get_model_state_dict(model), "extra": copy.deepcopy(ckpt.train_state)}
+        # DCP holds only tensors; the rest of the train state goes to state/train_state.json (JSON).
+        state, train = {"model": get_model_state_dict(model)}, copy.deepcopy(ckpt.train_state)
         # Before the first update the optimizer has no state and none is saved: asking DCP for it would
         # run a zero-lr step that advances AdamW's step counter and so change the run.
         if optimizer.state:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
-        dcp_write = dcp.async_save(state, checkpoint_id=str(tmp / STATE), process_group=self._group)
-        config = unwrap(model).config
-        write = self._write_executor.submit(self._write, tmp, ckpt, weights, config, dcp_write)
+            optim = get_optimizer_state_dict(model, optimizer)
+            state["optim"] = {"state": optim["state"]}
+            train["param_groups"] = copy.deepcopy(optim["param_groups"])  # lr, betas, ...: numbers
+        storage = HashingWriter(tmp / STATE)  # hashes DCP's files as it writes them, for the manifest
+        dcp_write = dcp.async_save(state, storage_writer=storage, process_group=self._group)
+        ckpt, config = dataclasses.replace(ckpt, train_state=train), unwrap(model).config
+        write = self._write_executor.submit(self._write, tmp, ckpt, weights, config, (dcp_write, storage))
         self._write_in_flight = ckpt.step, write
 
     def complete_write(self) -> None:
@@ -141,24 +169,31 @@ class CheckpointWriter:
         written, self._written = self._written, {}
         return written
 
-    def _write(self, tmp: Path, ckpt: CheckpointStep, weights, config, dcp_write: Future):
+    def _write(
+        self, tmp: Path, ckpt: CheckpointStep, weights, config, dcp_write: tuple[Future, HashingWriter]
+    ):
         """The background part: this rank's files of `tmp`, then (rank 0, when every rank's are written)
-        fsync, rename and `latest`. Returns (seconds, None or this rank's failure `rank <r>: <error>`)."""
-        start = time.perf_counter()
+        the manifest, fsync, rename and `latest`. Returns (seconds, None or this rank's failure
+        `rank <r>: <error>`)."""
+        start, (dcp_done, storage), digests = time.perf_counter(), dcp_write, {}
         try:
-            self._write_files(tmp, ckpt, weights, config)
+            digests = self._write_files(tmp, ckpt, weights, config)
             error = None
         except Exception as e:
             error = _failure(e)
         try:
             # NOTE: waited for also after a failure: DCP's collectives on the group end before ours start.
-            dcp_write.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
+            dcp_done.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
         except (Exception, CheckpointException) as e:
             error = error or _failure(e)
-        # NOTE: a collective: rank 0 publishes only a step that every rank has written all of.
+        digests |= {path.relative_to(tmp).as_posix(): d for path, d in storage.digests().items()}
+        # NOTE: collectives: rank 0 publishes only a step that every rank has written all of, and lists every
+        # rank's files in its manifest.
         error = agree_on_error(error, self._group)
+        every_rank = gather_to_main(digests, self._group)
         if error is None and is_main():
             try:
+                write_manifest(tmp, {name: d for part in every_rank for name, d in part.items()})
                 pico.run_dir.publish_step(checkpoints_dir(self.run_dir), tmp, ckpt.step)
                 if self.on_published is not None:
                     self.on_published(ckpt.step)
@@ -166,16 +201,34 @@ class CheckpointWriter:
                 error = _failure(e)
         return time.perf_counter() - start, error
 
-    def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> None:
-        """This rank's files of `tmp` besides DCP's: model/, learning_dynamics/ and eval.json (rank 0)."""
-        if weights is not None and is_main():
-            save_pretrained(weights, config, tmp / MODEL, tokenizer=self.tokenizer)
-        if ckpt.dynamics or ckpt.weights:
-            write_learning_dynamics(
-                tmp, ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=self.positions, dtype=self.dtype
+    def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> dict:
+        """This rank's files of `tmp` besides DCP's (rank 0: state/train_state.json, model/,
+        learning_dynamics/ and eval.json); returns {path in the step: digest} of those written."""
+        dynamics = {}
+        if ckpt.dynamics or ckpt.weights:  # every rank checks the shapes
+            dynamics = learning_dynamics_files(
+                ckpt.dynamics, ckpt.weights, step=ckpt.step, positions=self.positions, dtype=self.dtype
             )
-        if ckpt.evals is not None and is_main():
-            (tmp / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
+        if not is_main():
+            return {}
+        digests = {}  # path in the step -> digest of the bytes written
+
+        def write(name: str, data: bytes) -> None:
+            digests[name] = write_bytes(tmp / name, data)
+
+        write(f"{STATE}/{TRAIN_STATE}", json.dumps(ckpt.train_state, indent=1).encode())
+        for name, (tensors, metadata) in dynamics.items():
+            path = dynamics_file(tmp, name)
+            digests[path.relative_to(tmp).as_posix()] = write_safetensors(path, tensors, metadata)
+        if weights is not None:
+            tensors, files = model_files(weights, config, tokenizer=self.tokenizer)
+            path = tmp / MODEL / WEIGHTS_FILE
+            digests[f"{MODEL}/{WEIGHTS_FILE}"] = write_safetensors(path, tensors, WEIGHTS_METADATA)
+            for name, data in files.items():
+                write(f"{MODEL}/{name}", data)
+        if ckpt.evals is not None:
+            write(EVAL, json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2).encode())
+        return digests
 
 
 def _failure(e: BaseException) -> str:
@@ -199,7 +252,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def train_state(step: int, scheduler, stream) -> dict:
-    """What resuming needs besides model and optimizer: the step, LR schedule, data position and RNG."""
+    """What resuming needs besides model and optimizer, as JSON values: the step, LR schedule, data position
+    and RNG (state/train_state.json)."""
     return {
         "step": step,
         "scheduler": scheduler.state_dict(),
@@ -213,42 +267,50 @@ def load_checkpoint(
 ) -> int:
     """Restore model, optimizer, schedule, data position and RNG from `step_<N>/state`; returns N.
 
-    Before reading any tensor it checks that the state is complete and was trained with `model`'s config,
-    raising CheckpointError naming the file (and the newest earlier complete step) or the differing fields.
+    Before reading any tensor it verifies the files it reads against the step's manifest, checks that the
+    state is complete and was trained with `model`'s config, raising CheckpointError naming the file (and the
+    newest earlier complete step) or the differing fields. A collective (rank 0 verifies the files).
     """
     path, number = Path(path), Path(path).name.removeprefix("step_")
     try:
+        verify_resume(path)
         check_train_state(path / STATE)
     except CheckpointError as e:
         before = int(number) if number.isdigit() else None
         raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
     check_model_config(path, unwrap(model).config)
-    extra = load_train_state(path / STATE, model, optimizer, train_state(0, scheduler, stream))
-    scheduler.load_state_dict(extra["scheduler"])
-    stream.load_state_dict(extra["data"])
-    set_rng_state(extra["rng"])
-    return extra["step"]
-
-
-def check_train_state(path: Path) -> None:
-    """Raise CheckpointError naming the file when DCP dir `path` has no readable `.metadata`, or a file it
-    lists is missing or shorter than the metadata says (a deleted or truncated shard)."""
-    metadata_file = path / ".metadata"
-    if not metadata_file.is_file():
-        raise CheckpointError(f"{metadata_file}: missing")
+    train = load_train_state(path / STATE, model, optimizer)
     try:
-        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as e:  # a truncated or garbage pickle: any unpickling error
-        raise CheckpointError(f"{metadata_file}: unreadable ({type(e).__name__})") from None
-    sizes = {}  # file → the bytes its entries need
-    for info in storage.values():
-        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(sizes.items()):
-        shard = path / name
-        if not shard.is_file():
-            raise CheckpointError(f"{shard}: missing")
-        if shard.stat().st_size < size:
-            raise CheckpointError(f"{shard}: truncated ({shard.stat().st_size} of {size} bytes)")
+        scheduler.load_state_dict(train["scheduler"])
+        stream.load_state_dict(train["data"])
+        set_rng_state(train["rng"])
+        return int(train["step"])
+    except PicoError:  # e.g. the data changed: its own line
+        raise
+    except (
+        KeyError,
+        TypeError,
+        AttributeError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # a train state of another shape
+        raise CheckpointError(f"{path / STATE / TRAIN_STATE}: cannot be restored ({_one_line(e)})") from None
+
+
+def verify_resume(path: Path) -> None:
+    """Verify what resuming from step dir `path` reads (state/, model/config.json) against its manifest,
+    symlinks included (`pico.manifest.verify_files`): rank 0 hashes, every rank raises the same
+    CheckpointError. A collective. A step written before manifests is not verified."""
+    error = None
+    if is_main():
+        parts = [STATE] + ([f"{MODEL}/{CONFIG_FILE}"] if model_config_file(path).is_file() else [])
+        try:
+            verify_files(path, parts, root=run_root(path))
+        except CheckpointError as e:
+            error = str(e)
+    error = agree_on_error(error)  # NOTE: the other ranks wait here for rank 0's verdict
+    if error is not None:
+        raise CheckpointError(error)
 
 
 def earlier_complete_step(run_dir, before: int | None = None) -> str:
@@ -301,46 +363,136 @@ def check_model_config(path: Path, config: PicoDecoderConfig) -> None:
         )
 
 
-def load_train_state(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
-) -> dict:
-    """Load a `state/` dir (`CheckpointWriter`) into `model`/`optimizer` (any world size); return `extra`.
+def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a `state/` dir (`CheckpointWriter`) into `model`/`optimizer` (any world size); return the rest
+    of the train state (`train_state.json`, as `train_state` made it).
 
-    `extra` is a template with the same keys as at save time (e.g. the freshly built objects' state dicts).
-    A state that does not fit them (other shapes, damaged bytes) is a CheckpointError naming the file.
+    Nothing is unpickled but with an allow-list (pico.state_reader). A state that does not fit (other
+    shapes, damaged bytes, crafted objects) is a CheckpointError naming the file. A state written before
+    train_state.json kept the rest in DCP: it is read from there, with `torch.load(weights_only=True)`.
     """
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {"model": get_model_state_dict(model), "extra": extra}
-    if any(key.startswith("optim.") for key in saved):
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    path = Path(path)
+    metadata = read_metadata(path)
+    legacy = not (path / TRAIN_STATE).is_file()
+    state = {"model": get_model_state_dict(model)}
+    if any(key.startswith("optim.") for key in metadata.state_dict_metadata):
+        optim = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = optim if legacy else {"state": optim["state"]}
+    if legacy:
+        state["extra"] = _legacy_extra(metadata, path)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=StateReader(path), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
-        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(_dcp_cause(e)[1])}") from None
+        cause = _dcp_cause(e)[1]
+        if isinstance(cause, pickle.UnpicklingError):  # torch.load(weights_only=True) refused an item
+            raise CheckpointError(
+                f"{path}: refused by torch.load(weights_only=True): {_refusal(cause)} (a damaged, crafted or "
+                "foreign checkpoint; pico does not run code from checkpoints)"
+            ) from None
+        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(cause)}") from None
+    train = _from_legacy(state.pop("extra")) if legacy else read_train_state(path)
+    groups = train.pop("param_groups", None)
     set_model_state_dict(model, state["model"])
     if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    return state["extra"]
+        if not legacy:
+            state["optim"]["param_groups"] = _param_groups(groups, optimizer, path / TRAIN_STATE)
+        try:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit ({_one_line(e)})") from None
+    return train
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """Why torch.load(weights_only=True) refused, without its advice to load with weights_only=False."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(boilerplate)), "not plain tensors and numbers")
+
+
+def read_train_state(path: Path) -> dict:
+    """`state/train_state.json` of DCP dir `path`; not a JSON object with an integer `step` is a
+    CheckpointError naming it."""
+    file = Path(path) / TRAIN_STATE
+    try:
+        train = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({_one_line(e)})") from None
+    if not isinstance(train, dict) or type(train.get("step")) is not int:
+        raise CheckpointError(f"{file}: not a pico train state (a JSON object with an integer step)")
+    return train
+
+
+def _param_groups(saved, optimizer: torch.optim.Optimizer, file: Path) -> list[dict]:
+    """The saved optimizer param groups (fqn params), with tuples (AdamW's betas) tuples again."""
+    current = optimizer.param_groups
+    if (
+        not isinstance(saved, list)
+        or len(saved) != len(current)
+        or not all(isinstance(g, dict) for g in saved)
+    ):
+        raise CheckpointError(f"{file}: no param_groups for the optimizer's {len(current)} param group(s)")
+    return [
+        {
+            k: tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v
+            for k, v in group.items()
+        }
+        for group, now in zip(saved, current)
+    ]
+
+
+def _legacy_extra(metadata, path: Path) -> dict:
+    """What to load the `extra.*` entries of a state written before train_state.json into: a nested dict of
+    their keys, with an empty tensor of the saved shape for each tensor (the RNG states)."""
+    extra = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        keys = (metadata.planner_data or {}).get(fqn)
+        if not fqn.startswith("extra.") or not keys:
+            continue
+        node = extra
+        for key in keys[1:-1]:
+            node = node.setdefault(key, {})
+        tensor = isinstance(md, TensorStorageMetadata)
+        node[keys[-1]] = torch.empty(md.size, dtype=md.properties.dtype) if tensor else None
+    if "step" not in extra:
+        raise CheckpointError(f"{path}: no {TRAIN_STATE} and no extra.step (not a pico train state)")
+    return extra
+
+
+def _from_legacy(extra: dict) -> dict:
+    """The train state of a state written before train_state.json, as `train_state` makes it now."""
+    return {**extra, "rng": {name: _hex(t) for name, t in extra.get("rng", {}).items()}}
+
+
+def _hex(t: torch.Tensor) -> str:
+    """A uint8 tensor (an RNG state) as a hex string."""
+    return t.numpy().tobytes().hex()
+
+
+def _from_hex(text: str) -> torch.Tensor:
+    """The uint8 tensor of a hex string made by `_hex`."""
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
 
 
 def rng_state() -> dict:
-    """The RNG states that training consumes (torch CPU and, when present, CUDA)."""
-    state = {"torch": torch.get_rng_state()}
+    """The RNG states that training consumes (torch CPU and, when present, CUDA), as hex strings."""
+    state = {"torch": _hex(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _hex(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` returned."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_from_hex(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_from_hex(state["cuda"]))
 
 
 def export_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full weights that the HF export holds (`pico.model.hf.export_state`) on rank 0's CPU, a copy
-    that later updates leave alone (None on other ranks); `pico.model.hf.save_pretrained` writes them.
+    that later updates leave alone (None on other ranks); the writer writes them as `model/`
+    (`pico.model.hf.model_files`).
 
     A collective (FSDP2 gathers parameter by parameter, and so may `effective_weight()`). A model with
     modules the Llama layout cannot express is refused (ModelError naming the module).
@@ -351,3 +503,51 @@ def export_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     on_cpu = next(unwrap(model).parameters()).device.type == "cpu"  # then `state` holds the live tensors
     return {name: t.clone() for name, t in state.items()} if on_cpu else state
+
+
+NO_MANIFEST = "no manifest.json (written before manifests): metadata and sizes checked, contents not verified"
+
+
+def verify(path: Path, echo=print) -> list[str]:
+    """Check every step of run dir `path` (its `latest` too), or step dir `path` alone (`step_faults`); print
+    a line per sound step and return one line per problem, each naming its file."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        steps = [step_dir(path, n) for n in list_steps(path, require="")]  # every published step_<N>
+        problems = []
+        try:
+            latest_checkpoint(path)
+        except RunDirError as e:
+            problems.append(str(e))
+    elif any((path / part).exists() for part in (STATE, MODEL, DYNAMICS, MANIFEST)):
+        steps, problems = [path], []
+    else:
+        raise RunDirError(
+            f"{path}: neither a run directory (no {CHECKPOINTS}/) nor a checkpoint step directory"
+        )
+    for step in steps:
+        found = step_faults(step)
+        problems += found
+        if not found:
+            manifest = read_manifest(step)
+            how = f"{len(manifest)} files verified ({HASH})" if manifest is not None else NO_MANIFEST
+            echo(f"{step}: ok, {how}")
+    return problems
+
+
+def main(argv=None) -> None:
+    """`python -m pico.checkpoint verify <run_dir|step_dir>`: verify checkpoint files against their manifests;
+    exit 0 when every step is sound, 2 with one line per file at fault."""
+    parser = argparse.ArgumentParser(prog="python -m pico.checkpoint", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify", help="verify a run's steps (or one step)").add_argument("path")
+    args = parser.parse_args(argv)
+    with exit_on():
+        problems = verify(Path(args.path))
+    for problem in problems:
+        sys.stderr.write(f"{CheckpointError.kind}: {problem}\n")
+    sys.exit(2 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -236,3 +236,13 @@ def agree_on_error(error: str | None, group=None) -> str | None:
     errors = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, error, group=group)
     return next((e for e in errors if e is not None), None)
+
+
+def gather_to_main(obj, group=None) -> list | None:
+    """Every rank's `obj` in rank order on rank 0, None on the others ([obj] without a process group). A
+    collective on `group` (all ranks; default: the default group)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
+    dist.gather_object(obj, objects, dst=0, group=group)
+    return objects

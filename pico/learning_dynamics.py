@@ -71,10 +71,32 @@ def write_learning_dynamics(
     positions: str = "last",
     dtype: str = "float32",
 ) -> list[Path]:
-    """Write `<split>.safetensors` per split and `weights.safetensors` into `step_path/learning_dynamics/`.
+    """Write `<split>.safetensors` per split and `weights.safetensors` into `step_path/learning_dynamics/`
+    (`learning_dynamics_files`). Only rank 0 writes; returns the paths written ([] on other ranks)."""
+    files = learning_dynamics_files(splits, weights, step=step, positions=positions, dtype=dtype)
+    paths = []
+    for name, (tensors, metadata) in files.items():
+        path = dynamics_file(step_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def learning_dynamics_files(
+    splits: dict[str, SplitDynamics],
+    weights: dict[str, torch.Tensor] | None,
+    *,
+    step: int,
+    positions: str = "last",
+    dtype: str = "float32",
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """{name (a split, or "weights"): (tensors, metadata)} of the learning-dynamics safetensors files of step
+    `step`.
 
     Float tensors are stored as `dtype` ("float32" or "bfloat16"), input_ids as int32; the metadata records
-    the world size of the writing run. Only rank 0 writes; returns the paths written ([] on other ranks).
+    the world size of the writing run. Every rank checks the shapes; only rank 0 gets the files ({} on
+    others).
     """
     if dtype not in STORED_DTYPES:
         raise ValueError(f"learning_dynamics.dtype={dtype!r} is not one of {list(STORED_DTYPES)}")
@@ -86,12 +108,12 @@ def write_learning_dynamics(
         captured.check(split, positions)
     check_matrices("weights", weights or {})
     if not is_main():
-        return []
+        return {}
 
     def stored(t):
         return t.detach().to("cpu", DTYPES[dtype]).contiguous()
 
-    files = {}
+    files = {}  # file name -> {key: tensor}
     for split, captured in splits.items():
         files[split] = {
             tensor_key(kind, name): stored(t)
@@ -103,11 +125,9 @@ def write_learning_dynamics(
         )  # (N, T+1)
     if weights:
         files["weights"] = {tensor_key("weights", name): stored(t) for name, t in weights.items()}
-    paths = []
-    for name, data in files.items():  # metadata "split" is the file's name: train, eval or weights
-        path = dynamics_file(step_path, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {
+
+    def metadata(name):  # "split" is the file's name: train, eval or weights
+        return {
             "step": str(step),
             "split": name,
             "positions": positions,
@@ -115,9 +135,8 @@ def write_learning_dynamics(
             "world_size": str(world_size()),
             "pico_version": pico.__version__,
         }
-        save_file(data, path, metadata=metadata)
-        paths.append(path)
-    return paths
+
+    return {name: (tensors, metadata(name)) for name, tensors in files.items()}
 
 
 def open_dynamics(path: Path, device: str = "cpu"):

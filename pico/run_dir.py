@@ -25,6 +25,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MODEL = "model"  # an HF model dir (pico.model.hf): config.json, model.safetensors, tokenizer files
 STATE = "state"
+TRAIN_STATE = "train_state.json"  # in state/: step, LR schedule, data position, RNG, optimizer param groups
+MANIFEST = "manifest.json"  # in a step dir: every file's size and hash (pico.manifest)
 DYNAMICS = "learning_dynamics"
 EVAL = "eval.json"
 ANALYSIS = "analysis"
@@ -39,6 +41,13 @@ _STEP = re.compile(r"step_(\d+)")
 
 class RunDirError(PicoError, ValueError):
     """The run directory cannot be used as asked; the message names the directory, file or holder."""
+
+    kind = "run error"
+
+
+class CheckpointError(PicoError, ValueError):
+    """A checkpoint that cannot be written, verified or resumed from; the message names the step, file or
+    rank."""
 
     kind = "run error"
 
@@ -105,11 +114,19 @@ def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint named by `<run_dir>/checkpoints/latest`, or None."""
+    """The newest complete checkpoint named by `<run_dir>/checkpoints/latest`, or None. `latest` may only
+    name a `step_<N>` directory of this run (no path, no symlink): anything else is a RunDirError."""
     marker = checkpoints_dir(run_dir) / LATEST
-    if not marker.exists():
+    if not marker.exists() and not marker.is_symlink():
         return None
-    path = marker.parent / marker.read_text().strip()
+    if not marker.is_file():
+        raise RunDirError(f"{marker}: not a file")
+    name = marker.read_text().strip()
+    path = marker.parent / name
+    if not _STEP.fullmatch(name):
+        raise RunDirError(f"{marker}: names {name!r}, which is not a step_<N> of this run")
+    if path.is_symlink():
+        raise RunDirError(f"{marker}: names {name}, a symlink to {os.readlink(path)}, not a step of this run")
     if not (path / STATE).is_dir():
         raise RunDirError(f"{marker}: names {path.name}, which has no {STATE}/ directory")
     return path

@@ -178,6 +178,10 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def manifest(run_dir, step):
+    return run_dir / "checkpoints" / f"step_{step}" / "manifest.json"
+
+
 # name → (damage the copied run, extra overrides, the line after "run error: " with {run} for the copy)
 RUN_DIR_CASES = {
     "latest names a missing step": (
@@ -215,6 +219,14 @@ RUN_DIR_CASES = {
     ),
     "truncated .metadata": (
         lambda run: truncate(run / "checkpoints" / "step_3" / "state" / ".metadata"),
+        [],
+        "{run}/checkpoints/step_3/state/.metadata: truncated (",  # its size in the manifest
+    ),
+    "truncated .metadata, no manifest": (
+        lambda run: [
+            truncate(run / "checkpoints" / "step_3" / "state" / ".metadata"),
+            manifest(run, 3).unlink(),
+        ],
         [],
         "{run}/checkpoints/step_3/state/.metadata: unreadable (",
     ),
@@ -265,11 +277,15 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
     shutil.copytree(finished, run)
     path = run / "checkpoints" / "step_2" / "learning_dynamics" / "train.safetensors"
     truncate(path) if damage == "truncated" else path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    with pytest.raises(SystemExit) as exit_:
-        recipe("analyze").main(["--run", str(run)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
-    assert err.strip().splitlines()[-1].startswith(f"run error: {path}: not a readable safetensors file (")
+    for verified in (True, False):  # the manifest finds it first; without one, reading it fails
+        if not verified:
+            manifest(run, 2).unlink()
+        with pytest.raises(SystemExit) as exit_:
+            recipe("analyze").main(["--run", str(run)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
+        why = "truncated (" if verified else "not a readable safetensors file ("
+        assert err.strip().splitlines()[-1].startswith(f"run error: {path}: {why}")
 
 
 def test_truncated_exported_model_names_the_file(finished, tmp_path):

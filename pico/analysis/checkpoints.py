@@ -13,6 +13,7 @@ import torch
 from pico.components import get_component
 from pico.errors import AnalysisError
 from pico.learning_dynamics import open_dynamics
+from pico.manifest import verify_files
 from pico.metrics import SingularValues, singular_values
 from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key
 
@@ -20,7 +21,8 @@ BATCH_MEAN = "batch mean"  # what gradients are unless a file's `gradients` meta
 
 
 class Checkpoint:
-    """One checkpoint's learning dynamics, read lazily: files opened once, each tensor read at most once."""
+    """One checkpoint's learning dynamics, read lazily: files opened once (and verified against the step's
+    manifest first, when it has one), each tensor read at most once."""
 
     def __init__(self, run_dir, step: int, device: torch.device, dtype: torch.dtype):
         self.step, self.device, self.dtype = step, device, dtype
@@ -33,6 +35,7 @@ class Checkpoint:
             path = dynamics_file(self.dir, name)
             if not path.is_file():
                 raise AnalysisError(f"{path}: missing (step {self.step} has no {name} split)")
+            verify_files(self.dir, [path.relative_to(self.dir).as_posix()])
             self._files[name] = open_dynamics(path, str(self.device))
         return self._files[name]
 
@@ -94,6 +97,7 @@ class Checkpoint:
             path = model_config_file(self.dir)
             if not path.is_file():
                 raise AnalysisError(f"{path}: missing (compound components read n_heads from it)")
+            verify_files(self.dir, [path.relative_to(self.dir).as_posix()])
             self._config = json.loads(path.read_text())
         return self._config
 

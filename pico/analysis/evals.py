@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from pico.analysis.table import Rows
 from pico.errors import AnalysisError
+from pico.manifest import verify_files
 from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, run_name, step_dir
 
 
@@ -76,13 +77,16 @@ def read_evals(path, run: str = "") -> list[EvalRow]:
 
 
 def eval_rows(run_dir) -> Rows:
-    """The rows of every `step_<N>/eval.json` of a run, by step ([] when the run has none)."""
+    """The rows of every `step_<N>/eval.json` of a run, by step ([] when the run has none); each file is
+    verified against its step's manifest first."""
     run_dir = Path(run_dir)
     if not checkpoints_dir(run_dir).is_dir():
         raise AnalysisError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
     if not any(checkpoints_dir(run_dir).glob(f"step_*/{EVAL}")):  # no step has one (list_steps would raise)
         return Rows()
     steps, name = list_steps(run_dir, require=EVAL), run_name(run_dir)
+    for step in steps:
+        verify_files(step_dir(run_dir, step), [EVAL])
     return Rows(row for step in steps for row in read_evals(step_dir(run_dir, step) / EVAL, name))
 
 

@@ -17,16 +17,20 @@ from pathlib import Path
 from pico.distributed import is_main
 from pico.hub import api
 from pico.hub.api import Hub, HubError, HubUnavailable, default_branch, step_tag, steps_on_branch
+from pico.manifest import verified_files
 from pico.run_dir import (
     CONFIG,
     DYNAMICS,
     EVAL,
     HUB_JOURNAL,
+    MANIFEST,
     MODEL,
     STATE,
+    CheckpointError,
     checkpoints_dir,
     list_steps,
     step_dir,
+    step_name,
     write_atomic,
 )
 
@@ -64,26 +68,25 @@ def published_steps(run_dir) -> list[int]:
 
 
 def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
-    """What the commit of step N holds: path in repo → local file (model/ files at the repo root)."""
-    path = step_dir(run_dir, step)
-    files = {
-        p.relative_to(path / MODEL).as_posix(): p for p in sorted((path / MODEL).rglob("*")) if p.is_file()
-    }
-    parts = [DYNAMICS] + ([STATE] if upload_state else [])
-    for part in parts:
-        files.update(
-            {p.relative_to(path).as_posix(): p for p in sorted((path / part).rglob("*")) if p.is_file()}
-        )
-    for name, local in ((EVAL, path / EVAL), (CONFIG, Path(run_dir) / CONFIG)):
-        if local.is_file():
+    """What the commit of step N holds: path in repo → local file (model/ files at the repo root, the run's
+    config.yaml beside them). Only a complete step whose files match its manifest is uploaded
+    (`pico.manifest.verified_files`); otherwise a CheckpointError names the file at fault."""
+    files = {}
+    for name, local in verified_files(step_dir(run_dir, step)).items():
+        part = name.split("/")[0]
+        if part == MODEL:
+            files[name.removeprefix(f"{MODEL}/")] = local
+        elif part in (DYNAMICS, EVAL, MANIFEST) or (part == STATE and upload_state):
             files[name] = local
+    if (Path(run_dir) / CONFIG).is_file():
+        files[CONFIG] = Path(run_dir) / CONFIG
     return files
 
 
 def _stale(files: list[str], keep: dict[str, Path]) -> list[str]:
     """Files at the branch head that describe another step and are not overwritten by this one."""
     ours = (f"{DYNAMICS}/", f"{STATE}/")
-    return [f for f in files if f not in keep and (f.startswith(ours) or f == EVAL)]
+    return [f for f in files if f not in keep and (f.startswith(ours) or f in (EVAL, MANIFEST))]
 
 
 class Uploader:
@@ -112,6 +115,7 @@ class Uploader:
         self._worker: threading.Thread | None = None
         self._remote: dict[int, str] | None = None  # the worker's: step → commit on the branch (once known)
         self._tags: set[str] = set()  # the worker's: the repo's tags, once connected
+        self._refused: set[int] = set()  # the worker's: steps that are incomplete or damaged (not uploaded)
 
     @property
     def target(self) -> str:
@@ -219,7 +223,7 @@ class Uploader:
         delay, failures, finishing = self.backoff, 0, False
         while True:
             finishing |= _FINISH in self._receive(0)  # the notes so far: the disk below shows their steps
-            todo = self.pending()
+            todo = [step for step in self.pending() if step not in self._refused]
             if not todo:
                 if finishing:
                     return
@@ -228,6 +232,10 @@ class Uploader:
             self._report(busy=todo[0])
             try:
                 self._upload(hub, todo[0])
+            except CheckpointError as e:  # incomplete or damaged: never uploaded, and the others go on
+                self._refused.add(todo[0])
+                self._report(error=e, busy=None)
+                self.echo(f"hub: {step_name(todo[0])} is not uploaded: {e}")
             except Exception as e:  # an upload never stops training: HubError(s), or a local file gone
                 self._remote = None  # reconnect: the failed commit may have landed
                 self._report(error=e, busy=None)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn as nn
@@ -23,6 +22,7 @@ from pico.model.config import PicoDecoderConfig
 
 CONFIG_FILE = "config.json"  # the LlamaConfig of a model dir
 WEIGHTS_FILE = "model.safetensors"  # its weights (Llama names); a sharded one has WEIGHTS_FILE.index.json
+WEIGHTS_METADATA = {"format": "pt"}  # the safetensors metadata of WEIGHTS_FILE (transformers checks it)
 
 _TOP_NAMES = {  # pico name -> Llama name
     "embedding_proj.weight": "model.embed_tokens.weight",
@@ -261,9 +261,27 @@ def save_pretrained(
     """Write an HF model dir: config.json + model.safetensors (Llama names) for a module or a full state dict
     in pico names (`export_state` decides what a module exports), and the tokenizer files of `tokenizer`.
 
-    Every model dir pico writes comes from here. `special_tokens` (bos_token_id, eos_token_id) go to
+    Every model dir pico writes holds `model_files`. `special_tokens` (bos_token_id, eos_token_id) go to
     config.json so that `generate` stops at EOS; with a `tokenizer` they default to its first special token.
     """
+    directory = Path(directory)
+    weights, files = model_files(model_or_state_dict, config, tokenizer=tokenizer, **special_tokens)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(weights, directory / WEIGHTS_FILE, metadata=WEIGHTS_METADATA)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+
+
+def model_files(
+    model_or_state_dict: nn.Module | dict[str, torch.Tensor],
+    config: PicoDecoderConfig,
+    *,
+    tokenizer: str | Path | None = None,
+    **special_tokens: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    """What `save_pretrained` writes: the tensors of model.safetensors (Llama names, on the CPU, contiguous;
+    its metadata is WEIGHTS_METADATA) and {file name: content} of the other files (config.json, tokenizer
+    files). The checkpoint writer writes them itself, hashing as it writes (pico.manifest)."""
     state_dict = model_or_state_dict
     if isinstance(model_or_state_dict, nn.Module):
         state_dict = export_state(model_or_state_dict, model_or_state_dict.state_dict())
@@ -273,33 +291,34 @@ def save_pretrained(
         raise ModelError(
             f"save_pretrained: parameters mix dtypes {sorted(map(str, dtypes))}; cast them to one"
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    files = {}
     if tokenizer is not None:
-        special_tokens = {**_save_tokenizer(Path(tokenizer), directory, config.max_seq_len), **special_tokens}
+        tokenizer_files, tokens = _tokenizer_files(Path(tokenizer), config.max_seq_len)
+        files.update(tokenizer_files)
+        special_tokens = {**tokens, **special_tokens}
     config_json = llama_config(config, dtypes.pop(), **special_tokens)
-    (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+    files[CONFIG_FILE] = (json.dumps(config_json, indent=2) + "\n").encode()
+    return tensors, files
 
 
 def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
-    """(id, text) of the tokenizer's first special token (lowest id), or None: pico's EOS and BOS (documents
+    """(id, text) of the tokenizer's first special token (lowest id): pico's EOS and BOS (documents
     end with it; exports name it in config.json; evaluation conditions an empty context on it)."""
     special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     return (min(special), special[min(special)]) if special else None
 
 
-def _save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> dict[str, int]:
-    """Copy `tokenizer.json` into `directory` with a `tokenizer_config.json` so that AutoTokenizer loads it;
-    its first special token is the EOS token. Returns the bos/eos ids for config.json."""
-    shutil.copy(tokenizer, directory / "tokenizer.json")
-    first = first_special_token(Tokenizer.from_file(str(tokenizer)))
+def _tokenizer_files(tokenizer: Path, max_len: int) -> tuple[dict[str, bytes], dict[str, int]]:
+    """`tokenizer.json` and a `tokenizer_config.json` that make AutoTokenizer load it, its first special token
+    being the EOS token; and the bos/eos ids for config.json."""
+    data = tokenizer.read_bytes()
+    first = first_special_token(Tokenizer.from_buffer(data))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     if first is not None:
         config["eos_token"] = first[1]
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return {"bos_token_id": first[0], "eos_token_id": first[0]} if first is not None else {}
+    files = {"tokenizer.json": data, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    return files, ({"bos_token_id": first[0], "eos_token_id": first[0]} if first is not None else {})
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -310,14 +329,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names; one that is not a file of its directory (an
+    absolute path, `..`) or an index that is not one is a ModelError naming it."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    for shard in shards:
+        path = PurePosixPath(shard) if isinstance(shard, str) else None
+        if path is None or path.is_absolute() or ".." in path.parts or "\\" in shard or not path.parts:
+            raise ModelError(f"{index}: names {shard!r}, which is not a file of {index.parent}")
+    return shards
+
+
 def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, keyed by Llama name."""
     single, index = directory / WEIGHTS_FILE, directory / f"{WEIGHTS_FILE}.index.json"
     if single.exists():
         return _read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in _read_safetensors(directory / shard).items()}
+        return {
+            k: v for shard in _index_shards(index) for k, v in _read_safetensors(directory / shard).items()
+        }
     raise ModelError(
         f"{directory}: no {single.name} or {index.name} (only safetensors checkpoints are supported)"
     )

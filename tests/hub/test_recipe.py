@@ -70,8 +70,9 @@ def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_
     assert weights_b.keys() == weights_c.keys()
     assert all(weights_b[k].equal(weights_c[k]) for k in weights_b)
     assert step_titles(standin, "run-a") == ["step 0", "step 2", "step 4", "step 6"]
-    (download,) = standin.calls("downloaded")  # the state, and config.yaml to check the model against
-    assert {f for f in download["files"] if not f.startswith("state/")} == {"config.yaml"}
+    # the state, config.yaml to check the model against, and manifest.json to verify the state
+    (download,) = standin.calls("downloaded")
+    assert {f for f in download["files"] if not f.startswith("state/")} == {"config.yaml", "manifest.json"}
 
 
 def test_network_down_for_the_whole_run(standin, data, tmp_path, monkeypatch):

@@ -5,30 +5,37 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 import pico.hub.cli
 from pico.hub import HubError, Uploader, read_journal, ref_name, resume_source, step_tag
+from pico.manifest import hash_file, write_manifest
 from pico.run_dir import step_dir
 
 REPO = "me/pico-runs"
 
 
-def make_steps(run_dir, steps=(0, 2), shards=1):
-    """Published step dirs with the files a checkpoint holds (small fake contents)."""
+def make_steps(run_dir, steps=(0, 2), shards=1, manifest=True):
+    """Published step dirs with the files a checkpoint holds: a real (tiny) DCP state, fake contents for
+    the rest, and (unless not `manifest`) the manifest listing them all."""
     (run_dir / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text("training: {max_steps: 2}\n")
     for step in steps:
         path = step_dir(run_dir, step)
+        dcp.save({"w": torch.full((4,), float(step))}, checkpoint_id=path / "state")  # .metadata, __0_0
         for name, text in {
             "model/config.json": "{}",
             "model/model.safetensors": f"weights {step}",
             "learning_dynamics/train.safetensors": f"train {step}",
-            "state/.metadata": f"meta {step}",
             "eval.json": json.dumps({"step": step}),
-            **{f"state/__{r}_0.distcp": f"shard {r} {step}" for r in range(shards)},
+            **{f"state/__{r}_0.distcp": f"shard {r} {step}" for r in range(1, shards)},
         }.items():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_text(text)
+        if manifest:
+            files = [p for p in path.rglob("*") if p.is_file()]
+            write_manifest(path, {p.relative_to(path).as_posix(): hash_file(p) for p in files})
     return run_dir
 
 
@@ -110,14 +117,15 @@ def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
     assert err.startswith("hub error:") and "--repo-id" in err and "\n" not in err
 
 
-def test_resume_source_downloads_only_state_and_config(tmp_path, hub):
+def test_resume_source_downloads_only_state_config_and_manifest(tmp_path, hub):
     run = make_steps(tmp_path / "run")
     Uploader(run, REPO).start().finish(timeout=30)
     folder = resume_source(f"hf://{REPO}@run/step_0", None, run)
     assert (tmp_path / "standin" / "cache").exists()
     (download,) = hub.calls("downloaded")
-    assert download["files"] == ["config.yaml", "state/.metadata", "state/__0_0.distcp"]
-    assert (Path(folder) / "state" / ".metadata").read_text() == "meta 0"
+    assert download["files"] == ["config.yaml", "manifest.json", "state/.metadata", "state/__0_0.distcp"]
+    local = step_dir(run, 0) / "state" / ".metadata"
+    assert (Path(folder) / "state" / ".metadata").read_bytes() == local.read_bytes()
     assert resume_source("auto", None, run) == "auto"
 
 
