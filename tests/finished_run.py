@@ -5,7 +5,8 @@ import importlib.util
 from pathlib import Path
 
 from pico.manifest import hash_file, write_manifest
-from tests.recipes.common import MODEL, ROOT, SEQ, write_shards
+from tests.recipes.common import ROOT
+from tests.tiny import MODEL, SEQ, write_shards
 
 
 def recipe(name):
