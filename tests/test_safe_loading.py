@@ -128,7 +128,7 @@ def _write_steps(run_dir: Path, strategy: str) -> None:
     torch.manual_seed(0)
     model = PicoDecoder(CONFIG)
     if strategy != "single":
-        model = parallelize(model, strategy, 2, torch.device("cpu"))
+        model = parallelize(model, strategy=strategy, world_size=2, device=torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     writer = CheckpointWriter(run_dir / strategy)
     for step in range(2):
