@@ -18,7 +18,7 @@ from pico.components import COMPONENTS
 from pico.hub import api
 from pico.hub.api import Commit, Hub, HubError, check_repo_id, ref_name, steps_on_branch
 from pico.model.hf import CONFIG_FILE
-from pico.run_dir import DYNAMICS, model_config_file, step_dir
+from pico.run_dir import DYNAMICS, MANIFEST, model_config_file, step_dir
 
 PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)")
 HUB_ROOT = "runs/hub"  # where Hub runs are laid out, relative to the working directory
@@ -93,16 +93,18 @@ def fetch_run(repo_id: str, revision: str, *, needs_config: bool, steps=None, ro
 def _fetch_pico(
     hub: Hub, repo_id: str, commits: dict[int, str], wanted, run: Path, needs_config: bool
 ) -> int:
-    """Link each wanted `step <N>` commit's learning_dynamics/ (and config.json) into `run`; how many had
-    learning dynamics."""
+    """Link each wanted `step <N>` commit's learning_dynamics/, manifest.json (and config.json) into `run`;
+    how many had learning dynamics."""
     config = [CONFIG_FILE] if needs_config else []
     found = 0
     for step in wanted:
-        folder = hub.download(repo_id, commits[step], [f"{DYNAMICS}/*"] + config)
+        folder = hub.download(repo_id, commits[step], [f"{DYNAMICS}/*", MANIFEST] + config)
         if not (folder / DYNAMICS).is_dir():
             continue
         found += 1
         _link(folder / DYNAMICS, step_dir(run, step) / DYNAMICS)
+        if (folder / MANIFEST).is_file():  # the step's hashes: the analysis verifies each file it reads
+            _link(folder / MANIFEST, step_dir(run, step) / MANIFEST)
         if needs_config:
             _link(folder / CONFIG_FILE, model_config_file(step_dir(run, step)))
     return found

@@ -3,8 +3,10 @@
 import io
 
 import pytest
+import xxhash
 
 from pico.analysis import read_csv
+from pico.manifest import FileDigest, write_manifest
 from pico.run_dir import list_steps, step_dir
 from recipes.analyze import main as analyze_main
 from tests.analysis.fake_run import make_run
@@ -64,6 +66,7 @@ def test_hub_pico_run_downloads_only_learning_dynamics(pico_run, hub, tmp_path, 
     assert len(downloads) == 3
     for d in downloads:
         assert d["files"] == [f"learning_dynamics/{s}.safetensors" for s in ("eval", "train", "weights")]
+        assert not any(f.startswith(("state/", "model")) for f in d["files"])
     assert (tmp_path / "runs/hub/pico-lm--pico-decoder-test/run-1/analysis/default/metrics.csv").is_file()
 
 
@@ -98,4 +101,32 @@ def test_bad_hub_input_is_one_line(pico_run, hub, tmp_path, monkeypatch, capsys)
     assert "private/repo: not allowed" in error_of(capsys, "--hub", "private/repo")
     assert "pico-lm/pico-decoder-test@nope: no such revision" in error_of(
         capsys, "--hub", REPO, "--revision", "nope"
+    )
+
+
+def test_hub_files_are_verified_against_the_step_manifest(pico_run, hub, tmp_path, monkeypatch, capsys):
+    """The uploader commits each step's manifest.json; a file on the Hub whose bytes differ from it is refused
+    by name (here one flipped byte in step 10's train split), and the run reads when the bytes are right."""
+    monkeypatch.chdir(tmp_path)
+    for branch, flip in (("sound", None), ("flipped", 10)):
+        for step in list_steps(pico_run):
+            path = step_dir(pico_run, step) / "learning_dynamics"
+            files = {f"learning_dynamics/{p.name}": p.read_bytes() for p in path.iterdir()}
+            digests = {
+                name: FileDigest(len(data), xxhash.xxh3_128(data).hexdigest()) for name, data in files.items()
+            }
+            write_manifest(tmp_path / branch / str(step), digests)
+            files["manifest.json"] = (tmp_path / branch / str(step) / "manifest.json").read_bytes()
+            if step == flip:
+                data = bytearray(files["learning_dynamics/train.safetensors"])
+                data[-1] ^= 1
+                files["learning_dynamics/train.safetensors"] = bytes(data)
+            hub.add_commit(REPO, branch, f"step {step}", files)
+    same(analyze("--hub", REPO, "--revision", "sound"), local_rows(pico_run))
+    assert all("manifest.json" in d["files"] for d in hub.calls("downloaded"))
+    capsys.readouterr()  # the progress bars of the run that read
+    err = error_of(capsys, "--hub", REPO, "--revision", "flipped")
+    assert (
+        err.startswith("run error: ")
+        and "step_10/learning_dynamics/train.safetensors: content differs" in err
     )
