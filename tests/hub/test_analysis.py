@@ -124,8 +124,11 @@ def test_hub_files_are_verified_against_the_step_manifest(pico_run, hub, tmp_pat
             hub.add_commit(REPO, branch, f"step {step}", files)
     same(analyze("--hub", REPO, "--revision", "sound"), local_rows(pico_run))
     assert all("manifest.json" in d["files"] for d in hub.calls("downloaded"))
-    capsys.readouterr()  # the progress bars of the run that read
-    err = error_of(capsys, "--hub", REPO, "--revision", "flipped")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        analyze_main(["--hub", REPO, "--revision", "flipped"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar, one line
+    assert e.value.code == 2
     assert (
         err.startswith("run error: ")
         and "step_10/learning_dynamics/train.safetensors: content differs" in err
