@@ -286,7 +286,7 @@ def test_cli_default_with_plots(tmp_path):
     groups = {(r.metric, r.data_type, r.component, r.split) for r in rows}
     assert len(pngs) == len(groups) == 6 * 3 * 3 + 3
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert (out / "plots" / "per__weights__weights__swiglu.w_2.png").is_file()
+    assert (out / "plots" / "per__weights__swiglu.w_2.png").is_file()
 
 
 def test_cli_bad_key_exits_2(run):
