@@ -8,21 +8,38 @@ the training step (docs/learning_dynamics.md). Also the size of a step dir, next
 figures for its tiny model: 7 m 42 s per checkpoint step, 151 MB of model state. Checkpoints of the first
 and the last step are left out (start-up costs; the end of training waits for the last write).
 
+`--ddp-reduction` measures instead what DDP's per-gradient all-reduce costs (the comm hook
+`pico.distributed.all_reduce_per_tensor`, which `parallelize` registers from 3 ranks on so that a resumed run
+is bitwise, docs/checkpoints.md) vs DDP's default bucket all-reduce, on 2 and 4 CPU ranks (gloo), the two
+models' steps alternating.
+
     python benchmarks/train_throughput.py [--models demo tiny] [--steps 9] [--save-every 3] [--nproc 2]
+    python benchmarks/train_throughput.py --ddp-reduction [--models demo tiny] [--steps 9]
 """
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.nn.parallel import DistributedDataParallel
+
+from pico.config import load_config
+from pico.distributed import all_reduce_per_tensor
+from pico.model import PicoDecoder
+from pico.training import apply_update, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO_TRAIN = {"checkpoint step (tiny)": "7 m 42 s", "model state (tiny)": "151 MB"}
@@ -113,6 +130,55 @@ def run(model: str, strategy: str, nproc: int, workdir: Path, args) -> dict:
     }
 
 
+def ddp_steps(rank: int, nproc: int, port: int, model: str, args, out) -> None:
+    """One rank: `args.steps` training steps of DDP with the per-gradient hook and of DDP's default,
+    alternating; rank 0 puts each variant's step seconds (the first, warm-up, step left out) on `out`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, os.cpu_count() // nproc))
+    dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    overrides, seq_len, vocab = MODELS[model]
+    config = load_config(None, [*overrides, f"model.vocab_size={vocab}", f"data.seq_len={seq_len}"])
+    config = config.model_config()
+    torch.manual_seed(0)
+    models = {"per-tensor": DistributedDataParallel(PicoDecoder(config))}
+    models["per-tensor"].register_comm_hook(None, all_reduce_per_tensor)
+    models["default"] = DistributedDataParallel(PicoDecoder(config))
+    optimizers = {k: torch.optim.AdamW(m.parameters(), fused=True) for k, m in models.items()}
+    rows = torch.randint(0, vocab, (args.micro, seq_len + 1))  # (micro, T+1)
+    seconds = {k: [] for k in models}
+    for _ in range(args.steps + 1):
+        for name, m in models.items():
+            dist.barrier()
+            start = time.perf_counter()
+            loss = train_step(m, [rows])
+            apply_update(m, optimizers[name], loss, 1.0)
+            optimizers[name].zero_grad(set_to_none=True)
+            dist.barrier()
+            seconds[name].append(time.perf_counter() - start)
+    if rank == 0:
+        out.put({k: v[1:] for k, v in seconds.items()})
+    dist.destroy_process_group()
+
+
+def ddp_reduction(args) -> None:
+    """Print tokens/s of DDP's per-gradient all-reduce vs DDP's default, per model and rank count (CPU,
+    gloo), and their ratio: the median over steps of the paired step-time ratios."""
+    print(f"{'model':<6} {'procs':>5} {'default tok/s':>13} {'per-tensor tok/s':>16} {'ratio':>7}")
+    ctx = mp.get_context("spawn")
+    for model in args.models:
+        for nproc in (2, 4):
+            out = ctx.SimpleQueue()
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.start_processes(ddp_steps, (nproc, port, model, args, out), nprocs=nproc, start_method="spawn")
+            seconds = out.get()
+            tokens = args.micro * nproc * MODELS[model][1]  # per step, all ranks
+            default, hook = (tokens / statistics.median(seconds[k]) for k in ("default", "per-tensor"))
+            ratio = statistics.median(d / h for d, h in zip(seconds["default"], seconds["per-tensor"]))
+            print(f"{model:<6} {nproc:>5} {default:>13,.0f} {hook:>16,.0f} {ratio:>6.3f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["demo", "tiny"], choices=sorted(MODELS))
@@ -121,7 +187,10 @@ def main():
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--micro", type=int, default=2, help="micro-batch per rank")
+    p.add_argument("--ddp-reduction", action="store_true", help="pico's DDP all-reduce vs DDP's default")
     args = p.parse_args()
+    if args.ddp_reduction:
+        return ddp_reduction(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:

@@ -12,6 +12,7 @@ import json
 import pickle
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ from torch.distributed.checkpoint.state_dict import (
 import pico.run_dir  # publish_step through the module: tests/recipes/kill_at.py replaces it to kill there
 from pico.capture import module_name
 from pico.config import load_model_config
-from pico.distributed import agree_on_error, barrier, gather_to_main, is_main, new_gloo_group, rank, unwrap
+from pico.distributed import (
+    agree_on_error,
+    barrier,
+    gather_to_main,
+    is_main,
+    new_gloo_group,
+    rank,
+    unwrap,
+    world_size,
+)
 from pico.errors import PicoError, exit_on
 from pico.learning_dynamics import SplitDynamics, learning_dynamics_files
 from pico.manifest import (
@@ -76,6 +86,11 @@ from pico.run_dir import (
     step_name,
 )
 from pico.state_reader import SafeLoadPlanner, StateReader, check_train_state, read_metadata
+
+_SINGLE_PROCESS_WARNING = (  # what DCP says on every save and load without a process group
+    r"torch\.distributed is disabled, unavailable or uninitialized, "
+    r"assuming the intent is to (save|load) in a single process"
+)
 
 
 @dataclass
@@ -144,6 +159,7 @@ class CheckpointWriter:
             optim = get_optimizer_state_dict(model, optimizer)
             state["optim"] = {"state": optim["state"]}
             train["param_groups"] = copy.deepcopy(optim["param_groups"])  # lr, betas, ...: numbers
+        _ignore_single_process_warning()
         storage = HashingWriter(tmp / STATE)  # hashes DCP's files as it writes them, for the manifest
         dcp_write = dcp.async_save(state, storage_writer=storage, process_group=self._group)
         ckpt, config = dataclasses.replace(ckpt, train_state=train), unwrap(model).config
@@ -249,6 +265,15 @@ def _one_line(e: BaseException) -> str:
     """`<type>: <first line of the message>` of an error."""
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _ignore_single_process_warning() -> None:
+    """Without a process group (a 1-process run), ignore DCP's warning that it saves or loads in a single
+    process: pico means it to. That warning alone (its text, from DCP's modules); for the whole process,
+    as DCP's save warns from a thread of its own."""
+    if world_size() == 1:
+        dcp_modules = r"torch\.distributed\.checkpoint"
+        warnings.filterwarnings("ignore", _SINGLE_PROCESS_WARNING, UserWarning, dcp_modules)
 
 
 def train_state(step: int, scheduler, stream) -> dict:
@@ -380,6 +405,7 @@ def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         state["optim"] = optim if legacy else {"state": optim["state"]}
     if legacy:
         state["extra"] = _legacy_extra(metadata, path)
+    _ignore_single_process_warning()
     try:
         dcp.load(state, storage_reader=StateReader(path), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure

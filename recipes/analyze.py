@@ -18,7 +18,7 @@ first run's folder: one line per run). Bad input exits with code 2 and one line 
 import argparse
 from pathlib import Path
 
-from pico.analysis import AnalysisError, analyze, compute_device, load_spec, save
+from pico.analysis import AnalysisError, SpecError, analyze, compute_device, load_spec, save
 from pico.analysis.recapture import check_eval_only, parse_steps, recapture, spec_layers
 from pico.analysis.sources import analysis_runs
 from pico.errors import exit_on
@@ -74,6 +74,9 @@ def main(argv=None):
         "overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. steps=[0,1000]"
     )
     args = parser.parse_args(argv)
+    for arg in args.overrides:  # `analyze.py runs/demo`: a run typed where the overrides go
+        if "=" not in arg and Path(arg).expanduser().is_dir():
+            raise SpecError(f"{arg}: a directory where overrides (key=value) go; to analyze it: --run {arg}")
 
     eval_only = ["splits=[eval]"] if args.model and args.config is None else []  # all a re-capture has
     spec = load_spec(args.config, eval_only + args.overrides)

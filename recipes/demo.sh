@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The main job, offline: build the Shakespeare demo corpus (once), pretrain the demo model on it with
 # learning-dynamics capture through ./torchrun.sh (2 CPU processes, or every GPU), analyse the run, and
-# say where everything is.   bash recipes/demo.sh [section.key=value ...]   (overrides go to pretrain.py)
+# say where everything is.
+#   bash recipes/demo.sh [section.key=value ...]   (overrides go to recipes/pretrain.py)
+# RUN_DIR (default runs/demo) is the run directory, PICO_CACHE (default ~/.cache/pico) holds the corpus.
 set -euo pipefail
+case "${1:-}" in
+  -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' && exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 export PICO_CACHE=${PICO_CACHE:-$HOME/.cache/pico}
 RUN_DIR=${RUN_DIR:-runs/demo}

@@ -20,6 +20,7 @@ from pico.errors import ConfigError, exit_on
 from pico.evaluation import TASKS, TaskSpec, evaluate_tasks, format_results, load_tasks
 from pico.hub import fetch_model, parse_hf_uri
 from pico.model import from_pretrained
+from pico.run_dir import CHECKPOINTS, MODEL, STATE, list_steps, step_dir
 
 
 def model_dir(model: str, step: int | None = None) -> Path:
@@ -34,6 +35,13 @@ def model_dir(model: str, step: int | None = None) -> Path:
         return path / "model"
     if (path / "config.json").is_file():
         return path
+    if (path / STATE).is_dir():
+        raise ConfigError(
+            f"--model {model}: a step dir without model/ (its run exported no HF model: a fork whose "
+            "modules the Llama layout cannot express, docs/checkpoints.md)"
+        )
+    if (path / CHECKPOINTS).is_dir():
+        raise ConfigError(f"--model {model}: a run directory; evaluate one of its steps: {step_dirs(path)}")
     if path.exists() or model.count("/") != 1:
         raise ConfigError(f"--model {model}: neither a step dir (with model/config.json) nor an HF model dir")
     from huggingface_hub import snapshot_download
@@ -44,6 +52,21 @@ def model_dir(model: str, step: int | None = None) -> Path:
         raise ConfigError(
             f"--model {model}: not a local dir, and the Hub download failed ({type(e).__name__})"
         ) from e
+
+
+def step_dirs(run_dir: Path) -> str:
+    """The step dirs of `run_dir` holding a model/, for a message: all of them, or the first and last few."""
+    dirs = [str(step_dir(run_dir, step)) for step in list_steps(run_dir, require=MODEL)]
+    return ", ".join(dirs if len(dirs) <= 6 else [*dirs[:3], f"... ({len(dirs) - 5} more)", *dirs[-2:]])
+
+
+def check_output(output: str) -> None:
+    """Raise a ConfigError unless the JSON file `output` can be written: before any scoring, not after."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--output {output}: a directory; name the JSON file, e.g. {path / 'eval.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {output}: no directory {path.parent}")
 
 
 def task_spec(text: str, limit: int | None, batch_size: int | None) -> TaskSpec:
@@ -72,6 +95,8 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.output:
+        check_output(args.output)
 
     dist = init_distributed()
     directory = model_dir(args.model, args.step)
@@ -85,7 +110,7 @@ def main(argv=None) -> None:
         print(f"model {directory} | max_seq_len {model.config.max_seq_len} | ranks {dist.world_size}")
         print("\n".join(format_results(results)))
         if args.output:
-            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+            Path(args.output).expanduser().write_text(json.dumps(results, indent=2) + "\n")
     cleanup()
 
 

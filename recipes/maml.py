@@ -1,4 +1,7 @@
-"""MAML pretraining: `[./torchrun.sh] python recipes/maml.py --config FILE [section.key=value]`.
+"""MAML pretraining, in one process or several:
+
+    python recipes/maml.py --config FILE [section.key=value ...]
+    ./torchrun.sh recipes/maml.py --config FILE [section.key=value ...]
 
 A fork of recipes/pretrain.py: each micro-batch is a next-token step or, with probability
 `maml.hybrid_ratio`, a first-order MAML step on a subset-masked episode (recipes/maml_modules.py,
@@ -6,6 +9,21 @@ docs/case_studies.md).
 """
 
 import argparse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: a YAML config and `section.key=value` overrides."""
+    layout = argparse.RawDescriptionHelpFormatter  # the docstring's usage lines as written
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=layout)
+    parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answers --help and a bad command line at once, before the imports below (seconds)
+
+# ruff: noqa: E402 (the imports follow the early parse_args)
 import math
 import os
 import sys
@@ -89,10 +107,7 @@ def finish(writer, uploader, log):
 @exit_on()  # bad input, before step 0 or mid-run (a bad row of data): one line `<kind>: <message>`, exit 2
 def main(argv=None):
     """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (defaults apply where it is silent)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, cls=MamlRunConfig)
     t, d, ld, ck = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing
     dist, run_dir, model_cfg = init_distributed(), os.path.expanduser(ck.run_dir), cfg.model_config()

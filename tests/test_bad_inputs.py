@@ -161,6 +161,21 @@ def test_data_errors(data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_demo_config_without_its_corpus_says_how_to_build_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PICO_CACHE", raising=False)
+    demo = [
+        "--config",
+        str(ROOT / "recipes" / "configs" / "demo.yaml"),
+        f"checkpointing.run_dir={tmp_path}/r",
+    ]
+    code, err = pretrain(capsys, demo)
+    assert code == 2 and one_line(err, "data error: ") == (
+        "data error: ~/.cache/pico/demo/train: no parquet files match this path; "
+        "build the demo corpus there with `python -m pico.data.demo`"
+    )
+
+
 def test_bad_row_met_mid_run_exits_2(data, tmp_path):
     path = bad_rows(tmp_path)
     proc = launch(args(data, tmp_path / "run", f"data.path={path.parent}"), check=False)
@@ -286,6 +301,14 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
         assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
         why = "truncated (" if verified else "not a readable safetensors file ("
         assert err.strip().splitlines()[-1].startswith(f"run error: {path}: {why}")
+
+
+def test_analyze_answers_a_run_typed_without_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe("analyze").main([str(tmp_path)])
+    assert exit_.value.code == 2 and one_line(capsys.readouterr().err, "spec error: ") == (
+        f"spec error: {tmp_path}: a directory where overrides (key=value) go; to analyze it: --run {tmp_path}"
+    )
 
 
 def test_truncated_exported_model_names_the_file(finished, tmp_path):

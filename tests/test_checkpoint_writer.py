@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def assert_resumes(run_dir: Path, step: int) -> None:
     assert torch.equal(
         exported["model.layers.0.mlp.down_proj.weight"], expected["layers.0.swiglu.w_2.weight"]
     )
+
+
+def test_one_process_hides_dcp_single_process_warning_alone(tmp_path):
+    """Without a process group DCP warns on every save and load that it assumes one process; pico means
+    that, and ignores that one warning (saved in DCP's thread, loaded in this one), no other."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, optimizer = build()
+        writer = CheckpointWriter(tmp_path)
+        save(writer, model, optimizer, 0)
+        writer.complete_write()
+        load_train_state(step_dir(tmp_path, 0) / STATE, model, optimizer)
+        warnings.warn("torch.distributed is disabled: another warning", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert messages[-1] == "torch.distributed is disabled: another warning"
+    assert not any("assuming the intent is to" in m for m in messages), messages
 
 
 def _writes(run_dir: Path) -> None:

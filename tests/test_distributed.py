@@ -1,4 +1,7 @@
-"""pico.distributed: resolve_device (the one device-name parser) and parallelize's keyword arguments."""
+"""pico.distributed: resolve_device (the one device-name parser), parallelize's keyword arguments and
+DDP's gradient reduction."""
+
+import copy
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pico.distributed import parallelize, resolve_device
 from pico.errors import ConfigError
 from pico.model import PicoDecoder
+from pico.training import token_loss
 from tests.distributed import run_distributed_test
 from tests.tiny import model_config
 
@@ -58,6 +62,29 @@ def _ddp_options_reach_ddp():
 
 def test_ddp_options_reach_ddp():
     run_distributed_test(_ddp_options_reach_ddp, world_size=2)
+
+
+def _ddp_reduces_every_iteration_alike():
+    torch.manual_seed(0)
+    local = PicoDecoder(model_config())
+    model = parallelize(copy.deepcopy(local), strategy="ddp", world_size=4, device=torch.device("cpu"))
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(dist.get_rank()))  # (2, T+1)
+    grads = []
+    for _ in range(3):  # DDP buckets iteration 1 in parameter order, later ones in gradient-ready order
+        model.zero_grad()
+        token_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for later in grads[1:] for a, b in zip(grads[0], later))
+    token_loss(local, ids[:, :-1], ids[:, 1:]).backward()
+    for p, grad in zip(local.parameters(), grads[0]):  # the mean over ranks, summed in float64
+        parts = [torch.empty_like(p.grad) for _ in range(4)]
+        dist.all_gather(parts, p.grad)
+        torch.testing.assert_close(grad.double(), torch.stack(parts).double().mean(0), rtol=0, atol=1e-7)
+
+
+def test_ddp_reduces_the_first_iteration_as_every_later_one():
+    """At 4 ranks update 1 of a run (a resumed run's too) gets bitwise the gradients a later update would."""
+    run_distributed_test(_ddp_reduces_every_iteration_alike, world_size=4)
 
 
 def test_parallelize_takes_keywords():

@@ -19,11 +19,13 @@ from pico.analysis.evals import EvalRow, eval_rows, read_evals, select_evals
 from pico.analysis.in_situ import in_situ_scalars
 from pico.analysis.output import (
     COLUMNS,
+    plot_loss,
     plot_rows,
     plot_runs,
     read_csv,
     save,
     scalar_tag,
+    train_loss,
     write_csv,
     write_tensorboard,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "load_spec",
     "open_run",
     "parse_spec",
+    "plot_loss",
     "plot_rows",
     "plot_runs",
     "read_csv",
@@ -74,6 +77,7 @@ __all__ = [
     "save",
     "scalar_tag",
     "select_evals",
+    "train_loss",
     "write_csv",
     "write_tensorboard",
 ]

@@ -330,8 +330,8 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
                     if (i, run) in targets:
                         ref = pinned[run, targets[i, run]]
                         label = f"{label}@step_{ref.step}"
-                    elif get_metric(entry.spec.name).comparative:
-                        if run == runs[0] or runs[0] not in ckpts:
+                    elif get_metric(entry.spec.name).comparative:  # the first run: the reference, itself too
+                        if runs[0] not in ckpts:
                             continue
                         ref, label = ckpts[runs[0]], f"{label}@{names[runs[0]]}"
                     rows.extend(_metric_rows(names[run], ckpt, entry, ref, label))

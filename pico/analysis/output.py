@@ -11,7 +11,7 @@ import numpy as np
 from pico.analysis.compute import run_names
 from pico.analysis.spec import AnalysisSpec
 from pico.analysis.table import Row, Rows
-from pico.run_dir import analysis_dir
+from pico.run_dir import TENSORBOARD, analysis_dir
 
 COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "metric", "value")
 
@@ -107,13 +107,27 @@ def _line(ax, rows, color, label, band: bool) -> int:
 
 
 def _style(ax, ylabel: str, n_lines: int) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    """Labels, grid and legend; a log y axis when the plotted values, all positive, span a decade or more
+    (perplexity from its start at about vocab_size, a condition number), so that every step stays readable."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if np.isfinite([low, high]).all() and low > 0 and high >= 10 * low:
+        ax.set_yscale("log")
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7, frameon=False, ncol=1 + n_lines // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _step_ticks(ax, steps) -> None:
+    """x ticks at the checkpoint `steps`: a mark at each, a label on the first, the last and those between
+    at least 1/8 of the axis from the labelled ones."""
+    steps = sorted(set(steps))
+    gap, labelled = (steps[-1] - steps[0]) / 8, steps[:1]
+    for step in steps[1:-1]:
+        if step - labelled[-1] >= gap and steps[-1] - step >= gap:
+            labelled.append(step)
+    ax.set_xticks(labelled + steps[-1:] if len(steps) > 1 else labelled)
+    ax.set_xticks(steps, minor=True)
 
 
 def _figure(n_evals: int):
@@ -139,10 +153,11 @@ def _eval_panels(panels, eval_rows, colors) -> None:
 
 
 def _stem(metric: str, data_type: str, split, component: str) -> str:
-    """`<metric>__<data_type>__<split or weights>__<component>`, or `eval__<task>[/<subset>]__<metric>`."""
+    """`<metric>__<data_type>[__<split>]__<component>` (weights have no split), or
+    `eval__<task>[/<subset>]__<metric>`."""
     if data_type == "eval":
         return f"eval__{component}__{metric}"
-    return "__".join([metric, data_type, split or "weights", component])
+    return "__".join(p for p in (metric, data_type, split, component) if p is not None)
 
 
 def _save_figure(fig, out_dir: Path, stem: str) -> Path:
@@ -192,6 +207,7 @@ def plot_rows(rows, out_dir) -> list[Path]:
         notes += [f"{hidden} non-finite values not shown"] if hidden else []
         (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
         ax.set_xlabel("step")
+        _step_ticks(ax, [r.step for r in group + panels])
         _style(ax, metric, len(layers))
         paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
     return paths
@@ -226,15 +242,54 @@ def plot_runs(rows, out_dir) -> list[Path]:
         notes += [f"{hidden} non-finite values not shown"] if hidden else []
         (eval_axes or [ax])[0].set_title(_title(component, data_type, split, notes), fontsize=9)
         ax.set_xlabel("step")
+        _step_ticks(ax, [r.step for r in group + panels])
         _style(ax, metric, len(runs))
         paths.append(_save_figure(fig, out_dir, _stem(metric, data_type, split, component)))
     return paths
 
 
+def train_loss(run_dir) -> dict[int, float]:
+    """{step: loss} of the training loss a run logged (tensorboard `train/loss`; where a resumed run logged a
+    step again, its last value); {} for a run without one (re-captured, converted)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(run_dir) / TENSORBOARD
+    if not folder.is_dir():
+        return {}
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/loss" not in events.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in events.Scalars("train/loss")}  # in the order logged
+
+
+def plot_loss(losses: dict[str, dict[int, float]], rows, out_dir) -> list[Path]:
+    """`train_loss.png` in `out_dir`: the training loss against the step, one line per run of `losses`
+    ({run: {step: loss}}; one run in its eval panels' colour, several as plot_runs colours them), ticks at
+    the checkpoint steps of `rows`; nothing ([]) when no run logged a loss."""
+    from matplotlib import colormaps
+
+    losses = {run: loss for run, loss in losses.items() if loss}
+    if not losses:
+        return []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fig, _, ax = _figure(0)
+    for i, (run, loss) in enumerate(losses.items()):
+        color = "tab:red" if len(losses) == 1 else colormaps["tab10"](i % 10)
+        ax.plot(sorted(loss), [loss[k] for k in sorted(loss)], linewidth=1.2, color=color, label=run)
+    ax.set_title("training loss (tensorboard train/loss)", fontsize=9)
+    ax.set_xlabel("step")
+    checkpoints = [r.step for r in rows if r.run in losses]
+    _step_ticks(ax, checkpoints or [step for loss in losses.values() for step in loss])
+    _style(ax, "loss", len(losses))
+    return [_save_figure(fig, Path(out_dir), "train_loss")]
+
+
 def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
     """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of that
-    name); with several runs and `plot`, also plot_runs' comparison into the first run's `plots/runs/`."""
-    written = []
+    name); with `plot`, also its plots and training loss curve (plot_loss), and with several runs the
+    comparison of both (plot_runs, plot_loss) into the first run's `plots/runs/`."""
+    written, losses = [], {}
     for run, name in zip(runs, run_names(runs)):
         out = analysis_dir(run, spec.name)
         for old in (out / "tensorboard", out / "plots"):
@@ -243,7 +298,11 @@ def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
         written.append(write_csv(mine, out / "metrics.csv"))
         written.append(write_tensorboard(mine, out / "tensorboard"))
         if plot:
+            losses[name] = train_loss(run)
             written.extend(plot_rows(mine, out / "plots"))
+            written.extend(plot_loss({name: losses[name]}, mine, out / "plots"))
     if plot and len(runs) > 1:  # the comparison goes with the first run, the reference of compare: runs
-        written.extend(plot_runs(rows, analysis_dir(runs[0], spec.name) / "plots" / "runs"))
+        compared = analysis_dir(runs[0], spec.name) / "plots" / "runs"
+        written.extend(plot_runs(rows, compared))
+        written.extend(plot_loss(losses, rows, compared))
     return written

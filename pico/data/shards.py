@@ -57,8 +57,21 @@ def list_shards(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     except Exception as e:  # network, auth, or filesystem errors of any fsspec backend
         raise DataError(f"{where}: cannot list files ({_one_line(e)})") from e
     if not files:
-        raise DataError(f"{where}: no parquet files match this path")
+        hint = demo_hint(root) if isinstance(fs, LocalFileSystem) else ""
+        raise DataError(f"{where}: no parquet files match this path{hint}")
     return fs, sorted(files)
+
+
+def demo_hint(path: str) -> str:
+    """For a missing `<root>/demo/{train,eval}` (where pico.data.demo writes): how to build it there."""
+    path = Path(path)
+    if path.parent.name != "demo" or path.name not in ("train", "eval"):
+        return ""
+    from pico.data.demo import default_root  # here: pico.data.demo imports this module
+
+    root = path.parent.parent
+    flag = "" if root == default_root() else f" --root {root}"
+    return f"; build the demo corpus there with `python -m pico.data.demo{flag}`"
 
 
 def display_name(fs: fsspec.AbstractFileSystem, file: str) -> str:

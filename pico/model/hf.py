@@ -311,14 +311,17 @@ def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
 
 def _tokenizer_files(tokenizer: Path, max_len: int) -> tuple[dict[str, bytes], dict[str, int]]:
     """`tokenizer.json` and a `tokenizer_config.json` that make AutoTokenizer load it, its first special token
-    being the EOS token; and the bos/eos ids for config.json."""
+    being the EOS token and the pad token of batched inference (padded on the left, so that `generate`
+    continues every row from its own last token; the attention mask hides the pads); and the bos/eos/pad
+    ids for config.json."""
     data = tokenizer.read_bytes()
     first = first_special_token(Tokenizer.from_buffer(data))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     if first is not None:
-        config["eos_token"] = first[1]
+        config.update(eos_token=first[1], pad_token=first[1], padding_side="left")
     files = {"tokenizer.json": data, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
-    return files, ({"bos_token_id": first[0], "eos_token_id": first[0]} if first is not None else {})
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return files, (dict.fromkeys(ids, first[0]) if first is not None else {})
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -192,12 +192,17 @@ def test_compare_runs(tmp_path, run):
     rows = analyze([run, small], spec, progress=False)
     compared = [r for r in rows if r.metric.startswith("pwcca")]
     assert {(r.run, r.step, r.layer, r.metric) for r in compared} == set(
-        itertools.product(["small"], [0, 10, 20], [0, 1], ["pwcca@tiny"])
+        itertools.product(["tiny", "small"], [0, 10, 20], [0, 1], ["pwcca@tiny"])
     )
     assert {r.run for r in rows if r.metric == "gini"} == {"tiny", "small"}
     x = ld(small, 10, "eval")["activations.layers.0.attention.v_proj"].double()
     y = ld(run, 10, "eval")["activations.layers.0.attention.v_proj"].double()
-    assert [r.value for r in compared if (r.step, r.layer) == (10, 0)] == [pwcca(x, y)]
+    value = {(r.run, r.step, r.layer): r.value for r in compared}
+    assert value["small", 10, 0] == pwcca(x, y)
+    assert value["tiny", 10, 0] == pwcca(y, y) == pytest.approx(1.0)  # the reference, against itself
+    save(rows, [run, small], spec)  # so the reference's metrics.csv holds rows, not just the header
+    reference = read_csv(run / "analysis" / "runs" / "metrics.csv")
+    assert {r.run for r in reference if r.metric == "pwcca@tiny"} == {"tiny"}
     with pytest.raises(SpecError, match="needs at least two --run"):
         analyze([run], spec, progress=False)
 
@@ -286,7 +291,7 @@ def test_cli_default_with_plots(tmp_path):
     groups = {(r.metric, r.data_type, r.component, r.split) for r in rows}
     assert len(pngs) == len(groups) == 6 * 3 * 3 + 3
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert (out / "plots" / "per__weights__weights__swiglu.w_2.png").is_file()
+    assert (out / "plots" / "per__weights__swiglu.w_2.png").is_file()
 
 
 def test_cli_bad_key_exits_2(run):

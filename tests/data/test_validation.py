@@ -109,6 +109,14 @@ def test_no_files_match(tmp_path):
         read_batch(tmp_path / "empty-dir", 1, SEQ)
 
 
+def test_a_missing_demo_corpus_names_the_command_that_builds_it(tmp_path):
+    hint = f"; build the demo corpus there with `python -m pico.data.demo --root {tmp_path}`"
+    with pytest.raises(DataError, match=f"{tmp_path}/demo/eval: no parquet files match this path{hint}$"):
+        read_batch(tmp_path / "demo" / "eval", 1, SEQ)
+    with pytest.raises(DataError, match=f"{tmp_path}/demos/eval: no parquet files match this path$"):
+        read_batch(tmp_path / "demos" / "eval", 1, SEQ)
+
+
 def test_error_surfaces_from_the_prefetch_thread_in_order(tmp_path):
     rows = [[1] * ROW_LEN for _ in range(24)]
     rows[20] = [1] * 3

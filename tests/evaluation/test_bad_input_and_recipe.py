@@ -243,3 +243,27 @@ def test_recipe_rejects_a_model_path_that_is_no_model(tmp_path):
         and proc.stderr.startswith(f"config error: --model {tmp_path}: neither a step dir")
         and len(proc.stderr.strip().splitlines()) == 1
     )
+
+
+def test_recipe_checks_the_output_path_before_scoring(step_dir, tmp_path):
+    missing = tmp_path / "missing" / "x.json"
+    for output, message in (
+        (missing, f"config error: --output {missing}: no directory {missing.parent}"),
+        (tmp_path, f"config error: --output {tmp_path}: a directory; name the JSON file, e.g. "),
+    ):
+        proc = run_recipe("--model", str(step_dir), "--task", "blimp=/nonexistent", "--output", str(output))
+        lines = proc.stderr.strip().splitlines()  # the output's error, not the task's: nothing ran before
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_recipe_answers_a_run_directory_with_its_step_dirs(step_dir, tmp_path):
+    run = step_dir.parents[1]
+    fork_step = tmp_path / "checkpoints" / "step_4"
+    (fork_step / "state").mkdir(parents=True)  # a fork's step: no model/ (docs/checkpoints.md)
+    for model, message in (
+        (run, f"--model {run}: a run directory; evaluate one of its steps: {step_dir}"),
+        (fork_step, f"--model {fork_step}: a step dir without model/ (its run exported no HF model: a fork"),
+    ):
+        proc = run_recipe("--model", str(model), "--task", "blimp")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"config error: {message}")

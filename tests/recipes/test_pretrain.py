@@ -162,6 +162,25 @@ def test_resume_is_bitwise_exact(single, data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), split
 
 
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_on_several_ranks_is_bitwise_exact(data, tmp_path, strategy, nproc):
+    """A run killed after step_3 and resumed on as many ranks ends bitwise equal to the uninterrupted run
+    on them: at 4 ranks too, where a resumed run's first update must reduce its gradients as later ones."""
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    args = overrides(data, run_dir, f"training.strategy={strategy}")
+    launch(overrides(data, ref, f"training.strategy={strategy}"), nproc=nproc)
+    killed = launch(args, nproc=nproc, check=False, kill_at="3:done")
+    assert killed.returncode != 0 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert "resumed from" in launch(args, nproc=nproc).stdout
+    for name, w in weights(ref).items():
+        assert torch.equal(weights(run_dir)[name], w), name
+    for split in ("train", "eval", "weights"):
+        a = load_file(ref / "checkpoints" / "step_6" / "learning_dynamics" / f"{split}.safetensors")
+        b = load_file(run_dir / "checkpoints" / "step_6" / "learning_dynamics" / f"{split}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), split
+
+
 def test_kill_while_writing_a_checkpoint_loses_nothing(single, data, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(data, run_dir)
