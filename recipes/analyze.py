@@ -9,16 +9,27 @@ r"""Analyze learning dynamics of one or more run directories (docs/analysis.md).
     python recipes/analyze.py --hub pico-lm/pico-decoder-tiny --revision pico-decoder-tiny-1   # docs/hub.md
     python recipes/analyze.py --model runs/tiny/checkpoints/step_0/model --model ORG/NAME@step1000 \
         --eval-data data/eval --eval-batch-size 64 --output runs/suite    # re-captured (docs/analysis.md)
+    python recipes/analyze.py --plot --group base='runs/base-*' --group relora='runs/relora-*'   # seeds
 
 Overrides `key=value` set top-level spec keys (values are YAML). Writes `<run>/analysis/<name>/`:
 metrics.csv, tensorboard/ and, with --plot, plots/*.png (with several runs also plots/runs/*.png in the
-first run's folder: one line per run). Bad input exits with code 2 and one line `<kind>: <message>`.
+first run's folder: one line per run); with groups of runs, also groups.csv (each group's mean and 95%
+Student-t interval) and plots/groups/ there. Bad input exits with code 2 and one line `<kind>: <message>`.
 """
 
 import argparse
 from pathlib import Path
 
-from pico.analysis import AnalysisError, SpecError, analyze, compute_device, load_spec, save
+from pico.analysis import (
+    AnalysisError,
+    SpecError,
+    analyze,
+    compute_device,
+    group_runs,
+    load_spec,
+    save,
+    with_groups,
+)
 from pico.analysis.recapture import check_eval_only, parse_steps, recapture, spec_layers
 from pico.analysis.sources import analysis_runs
 from pico.errors import exit_on
@@ -53,6 +64,13 @@ def main(argv=None):
         metavar="DIR",
         help="run directory, pico or pico-train (repeatable)",
     )
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=GLOB",
+        help="a group of runs, the directories GLOB matches (repeatable): groups.csv, mean and 95%% interval",
+    )
     parser.add_argument("--hub", action="append", default=[], metavar="REPO_ID", help="a run on the Hub")
     parser.add_argument("--revision", help="the --hub run's branch (default: main)")
     parser.add_argument(
@@ -79,14 +97,17 @@ def main(argv=None):
             raise SpecError(f"{arg}: a directory where overrides (key=value) go; to analyze it: --run {arg}")
 
     eval_only = ["splits=[eval]"] if args.model and args.config is None else []  # all a re-capture has
-    spec = load_spec(args.config, eval_only + args.overrides)
+    spec = with_groups(load_spec(args.config, eval_only + args.overrides), args.group)
+    groups = group_runs(spec.groups)  # name -> the run directories its glob matches
+    given = {Path(run).resolve() for run in args.run}  # a run given by --run and a group is read once
+    runs = [*args.run, *(run for name in groups for run in groups[name] if run.resolve() not in given)]
     # every run as a local folder in pico's layout (a pico-train run converted, a Hub run downloaded)
-    read, write = analysis_runs(spec, runs=args.run, hub_repos=args.hub, revision=args.revision)
+    read, write = analysis_runs(spec, runs=runs, hub_repos=args.hub, revision=args.revision)
     if args.model or args.eval_data or args.output or args.steps:  # HF checkpoints, re-captured into a run
         out = recaptured_run(args, spec)
         read, write = [*read, out], [*write, out]
     rows = analyze(read, spec)
-    written = save(rows, write, spec, plot=args.plot)
+    written = save(rows, write, spec, plot=args.plot, groups=groups)
     pngs = [p for p in written if str(p).endswith(".png")]
     print(f"{len(rows)} values; wrote:")
     for path in written:

@@ -342,6 +342,5 @@ def analyze(runs, spec: AnalysisSpec | dict | None = None, progress: bool = True
     for run in runs if spec.evals else ():
         for e in select_evals(eval_rows(run), spec.evals, run):
             if spec.steps == "all" or e.step in spec.steps:
-                component = e.task if e.subset is None else f"{e.task}/{e.subset}"
-                rows.append(Row(names[run], e.step, None, "eval", component, None, None, e.metric, e.value))
+                rows.append(e.as_row())  # its run is run_name(run), names[run]
     return rows

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from pico.analysis.table import Rows
+from pico.analysis.table import Row, Rows
 from pico.errors import AnalysisError
 from pico.manifest import verify_files
 from pico.run_dir import CHECKPOINTS, EVAL, checkpoints_dir, list_steps, run_name, step_dir
@@ -20,6 +20,11 @@ class EvalRow(NamedTuple):
     subset: str | None
     metric: str
     value: float
+
+    def as_row(self) -> Row:
+        """The row of the analysis table: data_type `eval`, component `<task>[/<subset>]`, no split."""
+        component = self.task if self.subset is None else f"{self.task}/{self.subset}"
+        return Row(self.run, self.step, None, "eval", component, None, None, self.metric, self.value)
 
 
 _COUNTS = ("n", "tokens", "documents")  # counts, not metrics (as in pico.evaluation.flat_metrics)

@@ -1,4 +1,5 @@
-"""Outputs of an analysis: metrics.csv, tensorboard scalars and plots under `<run_dir>/analysis/<name>/`."""
+"""Outputs of an analysis: metrics.csv, tensorboard scalars and plots under `<run_dir>/analysis/<name>/`
+(and groups.csv with its plots, for groups of runs)."""
 
 import csv
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pico.analysis.compute import run_names
+from pico.analysis.groups import group_rows, write_groups_csv
 from pico.analysis.spec import AnalysisSpec
 from pico.analysis.table import Row, Rows
 from pico.run_dir import TENSORBOARD, analysis_dir
@@ -109,13 +111,18 @@ def _line(ax, rows, color, label, band: bool) -> int:
 def _style(ax, ylabel: str, n_lines: int) -> None:
     """Labels, grid and legend; a log y axis when the plotted values, all positive, span a decade or more
     (perplexity from its start at about vocab_size, a condition number), so that every step stays readable."""
-    low, high = ax.dataLim.y0, ax.dataLim.y1
-    if np.isfinite([low, high]).all() and low > 0 and high >= 10 * low:
-        ax.set_yscale("log")
+    _log_if_spanning(ax)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7, frameon=False, ncol=1 + n_lines // 12, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _log_if_spanning(ax) -> None:
+    """A log y axis when the plotted values, all positive, span a decade or more."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if np.isfinite([low, high]).all() and low > 0 and high >= 10 * low:
+        ax.set_yscale("log")
 
 
 def _step_ticks(ax, steps) -> None:
@@ -285,13 +292,99 @@ def plot_loss(losses: dict[str, dict[int, float]], rows, out_dir) -> list[Path]:
     return [_save_figure(fig, Path(out_dir), "train_loss")]
 
 
-def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
+def _band(ax, rows, color, label: str) -> int:
+    """A group's mean against step, its confidence interval a band (none where n = 1, the bounds NaN);
+    returns the number of non-finite means, left out of the line."""
+    rows = sorted(rows, key=lambda r: r.step)
+    steps = [r.step for r in rows]
+    mean = np.array([r.mean for r in rows], dtype=float)
+    finite = np.isfinite(mean)
+    ax.plot(
+        steps,
+        np.where(finite, mean, np.nan),
+        marker="o",
+        markersize=3,
+        linewidth=1.5,
+        color=color,
+        label=label,
+    )
+    low, high = (np.array([getattr(r, bound) for r in rows], dtype=float) for bound in ("ci_low", "ci_high"))
+    ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+    return int((~finite).sum())
+
+
+def _panels(n: int):
+    """A figure with `n` panels, three to a row."""
+    from matplotlib.figure import Figure
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(3.2 * cols + 1.4, 2.2 * rows + 0.8), dpi=150)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def plot_groups(rows, out_dir, level: float = 0.95) -> list[Path]:
+    """One PNG per (metric, data type, component, split[, head]) of a groups table (GroupRow, pico.analysis.
+    groups): a panel per layer, in each one line per group, its mean against step, with its `level`
+    confidence interval as a band. Named as plot_rows' PNGs, per-head series with `__head_<h>` added."""
+    from matplotlib import colormaps
+
+    figures = defaultdict(list)
+    for row in rows:
+        figures[row.metric, row.data_type, row.component, row.split, row.head].append(row)
+    groups = list(dict.fromkeys(r.group for r in rows))
+    colors = {group: colormaps["tab10"](i % 10) for i, group in enumerate(groups)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (metric, data_type, component, split, head), series in sorted(figures.items(), key=str):
+        layers = sorted({r.layer for r in series}, key=lambda layer: -1 if layer is None else layer)
+        ns = {g: sorted({r.n for r in series if r.group == g}) for g in groups}
+        labels = {g: f"{g} (n={n[0]}" + (f"–{n[-1]})" if len(n) > 1 else ")") for g, n in ns.items() if n}
+        fig, axes = _panels(len(layers))
+        hidden = 0
+        for ax, layer in zip(axes, layers):
+            for group, label in labels.items():
+                mine = [r for r in series if r.layer == layer and r.group == group]
+                hidden += _band(ax, mine, colors[group], label) if mine else 0
+            ax.set_title("" if layer is None else f"layer {layer}", fontsize=8)
+            ax.set_xlabel("step")
+            _step_ticks(ax, [r.step for r in series])
+            _log_if_spanning(ax)  # the means and bands, as _style decides for plot_rows
+            ax.grid(alpha=0.3)
+            ax.spines[["top", "right"]].set_visible(False)
+        axes[0].set_ylabel(metric, fontsize=8)
+        handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}  # a group may miss a panel
+        axes[min(len(axes), 3) - 1].legend(  # right of the first row
+            [handles[label] for label in labels.values()],
+            list(labels.values()),
+            fontsize=7,
+            frameon=False,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
+        notes = [f"mean over each group's runs, band: {level:.0%} t-interval (none for n = 1)"]
+        notes += [f"{hidden} non-finite means not shown"] if hidden else []
+        where = component if head is None else f"{component} head {head}"
+        fig.suptitle(_title(where, data_type, split, notes), fontsize=9)
+        stem = _stem(metric, data_type, split, component) + ("" if head is None else f"__head_{head}")
+        paths.append(_save_figure(fig, out_dir, stem))
+    return paths
+
+
+def save(rows, runs, spec: AnalysisSpec, plot: bool = False, groups=None) -> list[Path]:
     """Write each run's rows to `<run_dir>/analysis/<spec.name>/` (replacing an earlier analysis of that
     name); with `plot`, also its plots and training loss curve (plot_loss), and with several runs the
-    comparison of both (plot_runs, plot_loss) into the first run's `plots/runs/`."""
+    comparison of both (plot_runs, plot_loss) into the first run's `plots/runs/`. With `groups` ({name:
+    runs}, as group_rows takes them), also the first run's `groups.csv` (group_rows) and, with `plot`, its
+    `plots/groups/` (plot_groups)."""
     written, losses = [], {}
     for run, name in zip(runs, run_names(runs)):
         out = analysis_dir(run, spec.name)
+        (out / "groups.csv").unlink(missing_ok=True)
         for old in (out / "tensorboard", out / "plots"):
             shutil.rmtree(old, ignore_errors=True)
         mine = [r for r in rows if r.run == name]
@@ -305,4 +398,9 @@ def save(rows, runs, spec: AnalysisSpec, plot: bool = False) -> list[Path]:
         compared = analysis_dir(runs[0], spec.name) / "plots" / "runs"
         written.extend(plot_runs(rows, compared))
         written.extend(plot_loss(losses, rows, compared))
+    if groups:  # with the first run too
+        table = group_rows(rows, groups)
+        written.append(write_groups_csv(table, analysis_dir(runs[0], spec.name) / "groups.csv"))
+        if plot:
+            written.extend(plot_groups(table, analysis_dir(runs[0], spec.name) / "plots" / "groups"))
     return written

@@ -4,7 +4,7 @@ Specs are read by pico.config_loader (YAML + `key=value` overrides); a bad one i
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ _TOP_KEYS = (
     "device",
     "dtype",
     "evals",
+    "groups",
 )
 _METRIC_KEYS = ("name", "label", "data_types", "splits", "components", "compare", "target_step")
 
@@ -99,6 +100,7 @@ class AnalysisSpec:
     device: str = "auto"
     dtype: str = "auto"
     evals: tuple[str, ...] = ()  # eval.json selectors: task, task/metric or task/subset/metric
+    groups: tuple[tuple[str, str], ...] = ()  # (name, glob of run directories): docs/analysis.md, "Groups"
 
 
 # ---------------------------------------------------------------- spec parsing
@@ -212,6 +214,35 @@ def _evals(value) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _groups(value, where: str = "groups") -> tuple[tuple[str, str], ...]:
+    """`{name: glob}`: groups of runs, each the run directories a glob matches (pico.analysis.groups)."""
+    if not isinstance(value, dict):
+        raise SpecError(
+            f"{where}: expected a mapping of NAME: GLOB, e.g. {{base: runs/base-*}}, got {value!r}"
+        )
+    for name, pattern in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise SpecError(f"{where}: group name {name!r}: expected letters, digits, _ . -")
+        if not isinstance(pattern, str) or not pattern:
+            raise SpecError(f"{where}: group {name}: expected a glob of run directories, got {pattern!r}")
+    return tuple(value.items())
+
+
+def with_groups(spec: AnalysisSpec, options) -> AnalysisSpec:
+    """`spec` with the groups of `--group NAME=GLOB` options added (one replaces a spec group of its name);
+    a SpecError for an option that is not NAME=GLOB and for a name given twice."""
+    groups, given = dict(spec.groups), set()
+    for option in options:
+        name, sep, pattern = option.partition("=")
+        if not sep:
+            raise SpecError(f"--group {option!r}: expected NAME=GLOB, e.g. base='runs/base-*'")
+        if name in given:
+            raise SpecError(f"--group {option!r}: group {name} given twice")
+        given.add(name)
+        groups.update(_groups({name: pattern}, f"--group {option!r}"))
+    return replace(spec, groups=tuple(groups.items()))
+
+
 def check_device(device, dtype) -> None:
     """Raise SpecError unless `device` and `dtype` are values of the spec keys of those names."""
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
@@ -252,6 +283,7 @@ def parse_spec(raw: dict) -> AnalysisSpec:
         compare=_compare(raw.get("compare", "steps"), "compare"),
         target_step=_target(raw.get("target_step", "last"), "target_step"),
         evals=_evals(raw.get("evals", [])),
+        groups=_groups(raw.get("groups", {})),
     )
 
 

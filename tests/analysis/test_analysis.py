@@ -300,5 +300,5 @@ def test_cli_bad_key_exits_2(run):
     assert result.stderr.strip().splitlines() == [
         "spec error: metricz: unknown key (allowed: name, steps, splits, data_types, components, metrics, "
         "compare, "
-        "target_step, device, dtype, evals)"
+        "target_step, device, dtype, evals, groups)"
     ]
