@@ -222,7 +222,7 @@ def test_cli_group_flag_and_spec_key_with_plots(runs):
     metrics = [runs / run / "analysis" / "cli" / "metrics.csv" for run in sum(runs_named.values(), [])]
     assert_matches(out / "groups.csv", metrics, runs_named)
     pngs = sorted(p.name for p in (out / "plots" / "groups").glob("*.png"))
-    assert pngs == ["eval__blimp__acc.png", "per__weights__weights__attention.v_proj.png"]
+    assert pngs == ["eval__blimp__acc.png", "per__weights__attention.v_proj.png"]
     image = plt_image.imread(out / "plots" / "groups" / pngs[1])[..., :3] * 255  # (H, W, RGB)
     for color in ("tab:blue", "tab:orange"):  # each group's band: its colour at alpha 0.2 over white
         band = 0.8 * 255 + 0.2 * np.array(to_rgb(color)) * 255
