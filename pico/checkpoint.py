@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +49,10 @@ from pico.run_dir import (
     step_dir,
     step_name,
 )
+
+# DCP warns on every save and load in one process that it assumes one process: pico means it, and a line
+# before the cause of an error is noise (docs/configuration.md, "Exit codes").
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized", UserWarning)
 
 
 @dataclass
@@ -149,12 +156,12 @@ class CheckpointWriter:
             self._write_files(tmp, ckpt, weights, config)
             error = None
         except Exception as e:
-            error = _failure(e)
+            error = _failure(e, tmp)
         try:
             # NOTE: waited for also after a failure: DCP's collectives on the group end before ours start.
             dcp_write.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
         except (Exception, CheckpointException) as e:
-            error = error or _failure(e)
+            error = error or _failure(e, tmp)
         # NOTE: a collective: rank 0 publishes only a step that every rank has written all of.
         error = agree_on_error(error, self._group)
         if error is None and is_main():
@@ -163,7 +170,10 @@ class CheckpointWriter:
                 if self.on_published is not None:
                     self.on_published(ckpt.step)
             except Exception as e:
-                error = _failure(e)
+                error = _failure(e, tmp)
+        # Every rank's part has ended (the agreement above): a failed step leaves nothing to fill the disk.
+        if error is not None and is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         return time.perf_counter() - start, error
 
     def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> None:
@@ -178,11 +188,25 @@ class CheckpointWriter:
             (tmp / EVAL).write_text(json.dumps({"step": ckpt.step, **ckpt.evals}, indent=2))
 
 
-def _failure(e: BaseException) -> str:
-    """`rank <r>: <type>: <first line>` of a write's error: this rank's, or for DCP's (which every rank
-    gets) that of the first rank where it happened."""
+def _failure(e: BaseException, tmp: Path) -> str:
+    """`rank <r>: <type>: <first line>` of an error writing step dir `tmp`: this rank's, or for DCP's (which
+    every rank gets) that of the first rank where it happened; a full disk is said as such, with a path."""
     where, cause = _dcp_cause(e)
-    return f"rank {rank() if where is None else where}: {_one_line(cause)}"
+    what = _one_line(cause)
+    named = getattr(cause, "errno", None) == errno.ENOSPC and getattr(cause, "filename", None)
+    # ENOSPC without the file; or, where the writer lost the errno (torch's zip writer: 'unexpected pos 704
+    # vs 598'), a file system with less than 1 MiB left
+    if not named and ("No space left on device" in what or _free_bytes(tmp) < 2**20):
+        what = f"OSError: [Errno {errno.ENOSPC}] No space left on device: '{tmp}' ({what})"
+    return f"rank {rank() if where is None else where}: {what}"
+
+
+def _free_bytes(path: Path) -> float:
+    """Bytes free for this process on the file system of `path` (inf when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return float("inf")
 
 
 def _dcp_cause(e: BaseException) -> tuple[int | None, BaseException]:
@@ -223,11 +247,25 @@ def load_checkpoint(
         before = int(number) if number.isdigit() else None
         raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
     check_model_config(path, unwrap(model).config)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     extra = load_train_state(path / STATE, model, optimizer, train_state(0, scheduler, stream))
     scheduler.load_state_dict(extra["scheduler"])
+    _keep_config_settings(optimizer, scheduler, settings)
     stream.load_state_dict(extra["data"])
     set_rng_state(extra["rng"])
     return extra["step"]
+
+
+def _keep_config_settings(optimizer: torch.optim.Optimizer, scheduler, settings: list[dict]) -> None:
+    """Put back the optimizer settings of this run's config (`settings`: each param group's, as built), which
+    loading the state replaced with the checkpoint's, and set each group's LR to its base LR times the
+    schedule's factor at the resumed step: a changed training.lr, betas, eps, weight_decay or schedule applies
+    from that step on (docs/checkpoints.md). For an unchanged config this is the LR the step had."""
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def check_train_state(path: Path) -> None:

@@ -36,7 +36,7 @@ def build(world_size: int = 1):
     torch.manual_seed(0)
     model = PicoDecoder(CONFIG)
     if world_size > 1:
-        model = parallelize(model, "ddp", world_size, torch.device("cpu"))
+        model = parallelize(model, strategy="ddp", world_size=world_size, device=torch.device("cpu"))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 

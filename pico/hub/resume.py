@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pico.hub import api
 from pico.hub.api import HubError, default_branch, parse_hf_uri, steps_on_branch
-from pico.run_dir import CONFIG, STATE
+from pico.run_dir import CONFIG, RUN_RECORD, STATE
 
 
 def _require(folder: Path, pattern: str, where: str, what: str) -> None:
@@ -31,6 +31,6 @@ def resume_source(resume: str, hub_config, run_dir) -> str:
         hub = api.connect()
     else:
         return resume
-    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG])  # config.yaml: to check the model
+    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG, RUN_RECORD])  # the checks: docs/hub.md
     _require(folder, f"{STATE}/*", f"{repo_id}@{revision}", "no state/ (uploaded with upload_state: false?)")
     return str(folder)

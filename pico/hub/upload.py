@@ -23,6 +23,7 @@ from pico.run_dir import (
     EVAL,
     HUB_JOURNAL,
     MODEL,
+    RUN_RECORD,
     STATE,
     checkpoints_dir,
     list_steps,
@@ -44,9 +45,15 @@ def read_journal(run_dir, target: str) -> dict[int, str]:
         return {}
     try:
         entries = json.loads(path.read_text()).get(target, {})
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise HubError(f"{path}: not a pico hub journal ({e})") from None
-    return {int(step): commit for step, commit in entries.items()}
+        journal = {int(step): commit for step, commit in entries.items()}
+        if not all(isinstance(commit, str) for commit in journal.values()):
+            raise TypeError("a commit id is not a string")
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # ValueError: bad JSON, a step not a number
+        raise HubError(
+            f"{path}: not a pico hub journal ({type(e).__name__}: {e}); delete it and the uploader finds the "
+            "steps on the Hub again"
+        ) from None
+    return journal
 
 
 def _write_journal(run_dir, target: str, uploaded: dict[int, str]) -> None:
@@ -74,7 +81,11 @@ def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
         files.update(
             {p.relative_to(path).as_posix(): p for p in sorted((path / part).rglob("*")) if p.is_file()}
         )
-    for name, local in ((EVAL, path / EVAL), (CONFIG, Path(run_dir) / CONFIG)):
+    for name, local in (
+        (EVAL, path / EVAL),
+        (CONFIG, Path(run_dir) / CONFIG),
+        (RUN_RECORD, Path(run_dir) / RUN_RECORD),
+    ):
         if local.is_file():
             files[name] = local
     return files
@@ -144,6 +155,7 @@ class Uploader:
         raise HubError now, before step 0; an unreachable Hub only warns and the worker keeps trying."""
         if not self.enabled:
             return self
+        self.pending()  # a journal that cannot be read is refused now, not by the worker mid-run
         hub = api.connect()
         try:
             self._connect(hub)
