@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import pico
 from pico.distributed import is_main, world_size
+from pico.model.hf import save_safetensors
 from pico.run_dir import SPLITS, RunDirError, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
@@ -115,7 +115,7 @@ def write_learning_dynamics(
             "world_size": str(world_size()),
             "pico_version": pico.__version__,
         }
-        save_file(data, path, metadata=metadata)
+        save_safetensors(data, path, metadata=metadata)
         paths.append(path)
     return paths
 

@@ -8,6 +8,7 @@ Llama counterpart computes the same function are exported: a fork that swaps a m
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -276,11 +277,32 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {pico_to_llama_name(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
         special_tokens = {**_save_tokenizer(Path(tokenizer), directory, config.max_seq_len), **special_tokens}
     config_json = llama_config(config, dtypes.pop(), **special_tokens)
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the file's permissions following the umask as every file pico
+    writes does (safetensors makes it 0600 whatever the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask: from /proc/self/status where Linux has it, which leaves it alone; else set and
+    put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
@@ -293,7 +315,7 @@ def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
 def _save_tokenizer(tokenizer: Path, directory: Path, max_len: int) -> dict[str, int]:
     """Copy `tokenizer.json` into `directory` with a `tokenizer_config.json` so that AutoTokenizer loads it;
     its first special token is the EOS token. Returns the bos/eos ids for config.json."""
-    shutil.copy(tokenizer, directory / "tokenizer.json")
+    shutil.copyfile(tokenizer, directory / "tokenizer.json")  # its content; the mode follows the umask
     first = first_special_token(Tokenizer.from_file(str(tokenizer)))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     if first is not None:
