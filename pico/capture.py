@@ -187,10 +187,13 @@ def capture_weights(
 
 def check_capture(model: nn.Module, ld, world_size: int) -> None:
     """Check a `learning_dynamics:` section against the model before step 0: every layer suffix names a
-    module and the eval batch splits evenly over the ranks; a one-line ConfigError names the key."""
+    module with a weight and the eval batch splits evenly over the ranks; a one-line ConfigError names the
+    key."""
     if not ld.enabled:
         return
-    find_modules(model, ld.layers)
+    for name, module in find_modules(model, ld.layers).items():
+        if not hasattr(module, "effective_weight"):
+            _weight(name, module)
     if ld.eval_data and ld.eval_batch_size % world_size:
         raise ConfigError(
             f"learning_dynamics.eval_batch_size: {ld.eval_batch_size} is not divisible by "

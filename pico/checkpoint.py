@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import json
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -196,12 +198,12 @@ class CheckpointWriter:
             digests = self._write_files(tmp, ckpt, weights, config)
             error = None
         except Exception as e:
-            error = _failure(e)
+            error = _failure(e, tmp)
         try:
             # NOTE: waited for also after a failure: DCP's collectives on the group end before ours start.
             dcp_done.result()  # on rank 0 also every other rank's shards: DCP writes its metadata last
         except (Exception, CheckpointException) as e:
-            error = error or _failure(e)
+            error = error or _failure(e, tmp)
         digests |= {path.relative_to(tmp).as_posix(): d for path, d in storage.digests().items()}
         # NOTE: collectives: rank 0 publishes only a step that every rank has written all of, and lists every
         # rank's files in its manifest.
@@ -214,7 +216,10 @@ class CheckpointWriter:
                 if self.on_published is not None:
                     self.on_published(ckpt.step)
             except Exception as e:
-                error = _failure(e)
+                error = _failure(e, tmp)
+        # Every rank's part has ended (the agreement above): a failed step leaves nothing to fill the disk.
+        if error is not None and is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         return time.perf_counter() - start, error
 
     def _write_files(self, tmp: Path, ckpt: CheckpointStep, weights: dict | None, config) -> dict:
@@ -247,11 +252,25 @@ class CheckpointWriter:
         return digests
 
 
-def _failure(e: BaseException) -> str:
-    """`rank <r>: <type>: <first line>` of a write's error: this rank's, or for DCP's (which every rank
-    gets) that of the first rank where it happened."""
+def _failure(e: BaseException, tmp: Path) -> str:
+    """`rank <r>: <type>: <first line>` of an error writing step dir `tmp`: this rank's, or for DCP's (which
+    every rank gets) that of the first rank where it happened; a full disk is said as such, with a path."""
     where, cause = _dcp_cause(e)
-    return f"rank {rank() if where is None else where}: {_one_line(cause)}"
+    what = _one_line(cause)
+    named = getattr(cause, "errno", None) == errno.ENOSPC and getattr(cause, "filename", None)
+    # ENOSPC without the file; or, where the writer lost the errno (torch's zip writer: 'unexpected pos 704
+    # vs 598'), a file system with less than 1 MiB left
+    if not named and ("No space left on device" in what or _free_bytes(tmp) < 2**20):
+        what = f"OSError: [Errno {errno.ENOSPC}] No space left on device: '{tmp}' ({what})"
+    return f"rank {rank() if where is None else where}: {what}"
+
+
+def _free_bytes(path: Path) -> float:
+    """Bytes free for this process on the file system of `path` (inf when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return float("inf")
 
 
 def _dcp_cause(e: BaseException) -> tuple[int | None, BaseException]:
@@ -304,9 +323,11 @@ def load_checkpoint(
         before = int(number) if number.isdigit() else None
         raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
     check_model_config(path, unwrap(model).config)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     train = load_train_state(path / STATE, model, optimizer)
     try:
         scheduler.load_state_dict(train["scheduler"])
+        _keep_config_settings(optimizer, scheduler, settings)
         stream.load_state_dict(train["data"])
         set_rng_state(train["rng"])
         return int(train["step"])
@@ -320,6 +341,18 @@ def load_checkpoint(
         RuntimeError,
     ) as e:  # a train state of another shape
         raise CheckpointError(f"{path / STATE / TRAIN_STATE}: cannot be restored ({_one_line(e)})") from None
+
+
+def _keep_config_settings(optimizer: torch.optim.Optimizer, scheduler, settings: list[dict]) -> None:
+    """Put back the optimizer settings of this run's config (`settings`: each param group's, as built), which
+    loading the state replaced with the checkpoint's, and set each group's LR to its base LR times the
+    schedule's factor at the resumed step: a changed training.lr, betas, eps, weight_decay or schedule applies
+    from that step on (docs/checkpoints.md). For an unchanged config this is the LR the step had."""
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def verify_resume(path: Path) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 
@@ -38,6 +38,10 @@ ModelConfig.__doc__ = "`preset` fills the PicoDecoderConfig fields; any field se
 class DataConfig:
     """Pretokenized training data and how it is batched."""
 
+    # The keys a resumed run may change (each section says its own; docs/checkpoints.md, "Changing settings
+    # on resume"); the data position in the checkpoint counts global samples of these data, batch and order.
+    changeable_on_resume: ClassVar = ("micro_batch_size", "wrap", "prefetch")
+
     path: str = "pico-lm/pretokenized-dolma"
     seq_len: int = 2048
     batch_size: int = 1024
@@ -50,6 +54,24 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     """Optimiser, schedule, parallelism and numerics."""
+
+    # All but `seed`, which made the initial weights (the checkpoint holds the RNG state from then on).
+    changeable_on_resume: ClassVar = (
+        "max_steps",
+        "lr",
+        "warmup_steps",
+        "schedule",
+        "min_lr_ratio",
+        "weight_decay",
+        "betas",
+        "eps",
+        "grad_clip",
+        "strategy",
+        "precision",
+        "activation_checkpointing",
+        "compile",
+        "nan_policy",
+    )
 
     max_steps: int = 200_000
     lr: float = 3e-4
@@ -72,6 +94,8 @@ class TrainingConfig:
 class CheckpointingConfig:
     """Where the run directory lives, how often to checkpoint, and what to resume from."""
 
+    changeable_on_resume: ClassVar = ("save_every", "hub")  # run_dir, resume, overwrite: START_KEYS
+
     run_dir: str = "runs/pico"
     save_every: int = 1000
     resume: str = "auto"  # auto | never | <step dir> | hub | hf://<repo_id>[@<revision>]
@@ -82,6 +106,16 @@ class CheckpointingConfig:
 @dataclass
 class LearningDynamicsConfig:
     """What learning dynamics are captured at every checkpoint step."""
+
+    changeable_on_resume: ClassVar = (
+        "enabled",
+        "layers",
+        "positions",
+        "eval_data",
+        "eval_batch_size",
+        "metrics",
+        "dtype",
+    )
 
     enabled: bool = True
     layers: list[str] = field(default_factory=lambda: list(DEFAULT_LAYERS))
@@ -95,6 +129,8 @@ class LearningDynamicsConfig:
 @dataclass
 class EvaluationConfig:
     """What is evaluated at every checkpoint step: perplexity on `data` (the `paloma` task) and `tasks`."""
+
+    changeable_on_resume: ClassVar = ("data", "batch_size", "max_batches", "tasks")
 
     data: str | None = None
     batch_size: int = 16
@@ -112,6 +148,8 @@ class EvaluationConfig:
 @dataclass
 class LoggingConfig:
     """Console and tensorboard logging."""
+
+    changeable_on_resume: ClassVar = ("log_every",)
 
     log_every: int = 10
 
@@ -159,8 +197,14 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if cfg.training.warmup_steps < 0:
-        raise ConfigError(f"training.warmup_steps: must be >= 0, got {cfg.training.warmup_steps}")
+    non_negative = {
+        "training.warmup_steps": cfg.training.warmup_steps,
+        "training.eps": cfg.training.eps,
+        "data.shuffle_seed": cfg.data.shuffle_seed or 0,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
     if cfg.data.batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} is not a multiple of "
@@ -208,6 +252,9 @@ def _validate_learning_dynamics(ld: LearningDynamicsConfig) -> None:
         raise ConfigError(
             "learning_dynamics.layers: empty; set learning_dynamics.enabled=false to capture nothing"
         )
+    for i, suffix in enumerate(ld.layers):
+        if not suffix.strip(" ."):
+            raise ConfigError(f"learning_dynamics.layers[{i}]: {suffix!r} names no module")
 
 
 def _validate_checkpointing(ck: CheckpointingConfig) -> None:
@@ -240,6 +287,59 @@ def load_model_config(path: str | Path) -> PicoDecoderConfig:
     included) are not read, so any run's config.yaml names its model. Raises ConfigError."""
     model = build(ModelConfig, section(load_tree(path), "model"), "model")
     return Config(model=model).model_config()
+
+
+START_KEYS = ("checkpointing.run_dir", "checkpointing.resume", "checkpointing.overwrite")  # how a run starts
+
+
+def resume_changes(old: dict, cfg: Config, where: str) -> dict[str, list]:
+    """{key: [old value, new value]} of the settings that `cfg` changes from `old` (the resumed run's
+    config, read from `where`), each a key its section lists in `changeable_on_resume`. A ConfigError names
+    the first other key that differs, with both values, or a section only one side has. Not compared: the
+    `model:` section (pico.checkpoint.check_model_config compares the resolved model) and START_KEYS."""
+    sections = {f.name for f in dataclasses.fields(cfg)} - {"model"}
+    odd = sorted(sections ^ (set(old) - {"model"}))
+    if odd:
+        raise ConfigError(
+            f"{odd[0]}: a config section of {'this recipe' if odd[0] in sections else where} only (a run of "
+            "another recipe?); resume it with the recipe that trained it"
+        )
+    changes = {}
+    for name in sorted(sections):
+        changes |= _section_changes(getattr(cfg, name), {} if old[name] is None else old[name], name, where)
+    return changes
+
+
+def _section_changes(section_cfg, old: dict, prefix: str, where: str) -> dict[str, list]:
+    """`resume_changes` of one section (a dataclass instance); a key `old` lacks counts as its default."""
+    if not isinstance(old, dict):
+        raise ConfigError(f"{prefix}: expected a mapping in {where}, got {old!r}")
+    changes, changeable = {}, getattr(section_cfg, "changeable_on_resume", ())
+    for f in dataclasses.fields(section_cfg):
+        key, value = f"{prefix}.{f.name}", getattr(section_cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes |= _section_changes(value, old.get(f.name, {}), key, where)
+            continue
+        new = _plain(value)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        before = old.get(f.name, _plain(default))
+        if before == new or key in START_KEYS:
+            continue
+        if f.name not in changeable:
+            raise ConfigError(
+                f"{key}: {before!r} in {where}, {new!r} now; it may not change on resume "
+                '(docs/checkpoints.md, "Changing settings on resume"); start a new run in another '
+                "checkpointing.run_dir"
+            )
+        changes[key] = [before, new]
+    return changes
+
+
+def _plain(value):
+    """A config value as config.yaml holds it (dataclasses as mappings)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

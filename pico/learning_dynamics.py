@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import pico
 from pico.distributed import is_main, world_size
+from pico.model.hf import save_safetensors
 from pico.run_dir import SPLITS, RunDirError, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
@@ -78,7 +78,7 @@ def write_learning_dynamics(
     for name, (tensors, metadata) in files.items():
         path = dynamics_file(step_path, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, path, metadata=metadata)
+        save_safetensors(tensors, path, metadata=metadata)
         paths.append(path)
     return paths
 

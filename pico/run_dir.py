@@ -19,6 +19,7 @@ from pico.errors import PicoError
 from pico.model.hf import CONFIG_FILE
 
 CONFIG = "config.yaml"
+RUN_RECORD = "run.json"  # the recipe that trains the run, and each start's step and changed settings
 LOCK = "run.lock"  # held by the live run (pico.run_lock)
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
@@ -73,8 +74,18 @@ def model_config_file(step_path) -> Path:
 
 
 def analysis_dir(run_dir, name: str) -> Path:
-    """`<run_dir>/analysis/<name>`: the outputs of the analysis spec called `name`."""
+    """`<run_dir>/analysis/<name>`: the outputs of the analysis spec called `name`, a single folder name
+    (RunDirError otherwise), so that an analysis writes nowhere else in the run."""
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise RunDirError(f"analysis name {name!r}: expected a folder name (letters, digits, _ . -)")
     return Path(run_dir) / ANALYSIS / name
+
+
+def run_file(step_path, name: str) -> Path:
+    """The file `name` (config.yaml, run.json) of the run that step dir `step_path` belongs to: beside its
+    `state/` in a step downloaded from the Hub (docs/hub.md), else at the run's root."""
+    step_path = Path(step_path)
+    return step_path / name if (step_path / name).is_file() else step_path.parent.parent / name
 
 
 def dynamics_file(step_path, name: str) -> Path:

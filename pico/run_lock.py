@@ -5,7 +5,9 @@ docs/checkpoints.md ("One run per directory") says what each refusal means and h
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -14,18 +16,23 @@ from pathlib import Path
 import torch
 
 from pico.checkpoint import earlier_complete_step
-from pico.config import Config, save_config
+from pico.config import Config, resume_changes, save_config
+from pico.config_loader import load_tree
 from pico.distributed import all_reduce_sum, is_main
+from pico.errors import ConfigError
 from pico.run_dir import (
     ANALYSIS,
     CHECKPOINTS,
     CONFIG,
     LATEST,
     LOCK,
+    RUN_RECORD,
     TENSORBOARD,
     RunDirError,
     checkpoints_dir,
     resolve_resume,
+    run_file,
+    write_atomic,
 )
 
 _held = {}  # lock path → its open file, for this process's lifetime: the OS releases it however it ends
@@ -75,6 +82,8 @@ def resume_point(run_dir, resume: str, overwrite: bool = False) -> Path | None:
     """
     marker = checkpoints_dir(run_dir) / LATEST
     try:
+        if resume == "auto" and marker.exists() and not marker.is_file():
+            raise RunDirError(f"{marker}: not a file (it names the newest complete step_<N>)")
         if resume == "auto" and marker.is_file() and not marker.read_text().strip():
             raise RunDirError(f"{marker}: empty")
         path = resolve_resume(run_dir, resume)
@@ -91,16 +100,75 @@ def resume_point(run_dir, resume: str, overwrite: bool = False) -> Path | None:
     return path
 
 
-def open_run_dir(run_dir, cfg: Config, device: torch.device, resume: str | None = None) -> Path | None:
-    """Lock `run_dir` and return the step dir to resume from (`resume`, default `checkpointing.resume`);
-    for a new run (None), rank 0 first deletes the earlier run's checkpoints, tensorboard logs and analyses
-    when `checkpointing.overwrite` is set, then writes `config.yaml`: after every check, so that a refused
-    run changes nothing there."""
+def open_run_dir(
+    run_dir, cfg: Config, device: torch.device, resume: str | None = None, *, recipe: str
+) -> Path | None:
+    """Lock `run_dir` and return the step dir to resume from (`resume`, default `checkpointing.resume`), or
+    None for a new run, once checked: a resumed run must be one of `recipe` (run.json) and change only the
+    settings that may change on resume (`pico.config.resume_changes`). Writes nothing but the lock;
+    `start_run` writes once the checkpoint is loaded."""
     lock_run_dir(run_dir, device)
     path = resume_point(run_dir, resume or cfg.checkpointing.resume, cfg.checkpointing.overwrite)
-    if path is None and is_main():
-        if cfg.checkpointing.overwrite:
-            for name in (CHECKPOINTS, TENSORBOARD, ANALYSIS):
-                shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
-        save_config(cfg, Path(run_dir) / CONFIG)
+    if path is not None:
+        record = read_record(run_file(path, RUN_RECORD))
+        sections = _sections(cfg)
+        if record is not None and (record["recipe"], record["sections"]) != (recipe, sections):
+            theirs = ", ".join(s for s in record["sections"] if s not in sections)
+            raise RunDirError(
+                f"{run_file(path, RUN_RECORD)}: a run of {record['recipe']}"
+                f"{f' (config sections {theirs})' if theirs else ''}, which {recipe} cannot resume; resume "
+                f"it with {record['recipe']}, or start a new run in another checkpointing.run_dir"
+            )
+        _changes(path, cfg)
     return path
+
+
+def start_run(run_dir, cfg: Config, *, step: int, resumed_from: Path | None, recipe: str) -> None:
+    """Start training at `step` in `run_dir` (a new run: step 0, `resumed_from` None): rank 0 records the
+    start in run.json (the recipe, its config sections, and per start its step, source and changed
+    settings) and writes config.yaml; a new run with `checkpointing.overwrite` first deletes the earlier
+    run's checkpoints, tensorboard logs and analyses. A ConfigError when `training.max_steps` < `step`."""
+    if step > cfg.training.max_steps:
+        raise ConfigError(
+            f"training.max_steps: {cfg.training.max_steps} is below step {step}, which the run resumes "
+            f"from ({resumed_from}); raise it, or resume from an earlier step with checkpointing.resume"
+        )
+    if not is_main():
+        return
+    if resumed_from is None and cfg.checkpointing.overwrite:
+        for name in (CHECKPOINTS, TENSORBOARD, ANALYSIS):
+            shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+        (Path(run_dir) / RUN_RECORD).unlink(missing_ok=True)
+    record = read_record(run_file(resumed_from, RUN_RECORD)) if resumed_from is not None else None
+    record = record or {"recipe": recipe, "sections": _sections(cfg), "starts": []}
+    changes = _changes(resumed_from, cfg) if resumed_from is not None else {}
+    source = None if resumed_from is None else str(resumed_from)
+    record["starts"].append({"step": step, "from": source, "changes": changes})
+    save_config(cfg, Path(run_dir) / CONFIG)
+    write_atomic(Path(run_dir) / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def read_record(path: Path) -> dict | None:
+    """A run.json (`start_run`), None when there is none (a run older than the record); RunDirError when
+    it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        kinds = (type(record["recipe"]), type(record["sections"]), type(record["starts"]))
+        if kinds != (str, list, list):
+            raise TypeError(f"recipe, sections, starts are a {', '.join(k.__name__ for k in kinds)}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{path}: not a pico run record ({type(e).__name__}: {e})") from None
+    return record
+
+
+def _sections(cfg: Config) -> list[str]:
+    """The config's sections, in their order (a fork's own last)."""
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _changes(path: Path, cfg: Config) -> dict[str, list]:
+    """`resume_changes` against the config of the run of step dir `path`; {} when it has no config.yaml."""
+    config = run_file(path, CONFIG)
+    return resume_changes(load_tree(config), cfg, str(config)) if config.is_file() else {}

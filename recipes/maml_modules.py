@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ STATS = (
 @dataclass
 class MamlConfig:
     """The `maml:` section: how often a micro-batch is a meta step, the episodes and the inner loop."""
+
+    # The keys a resumed run may change (pico.config.resume_changes): not the head's shape, which the
+    # checkpoint holds, nor mask_token, the id the model has learnt as the mask.
+    changeable_on_resume: ClassVar = ("hybrid_ratio", "k_shot", "n_way", "inner_steps", "inner_lr")
 
     hybrid_ratio: float = 0.5
     k_shot: int = 4

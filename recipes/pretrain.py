@@ -42,8 +42,10 @@ from pico.logging import TrainLogger, peak_flops
 from pico.model import PicoDecoder
 from pico.model.hf import export_problem
 from pico.run_dir import checkpoints_dir
-from pico.run_lock import open_run_dir
+from pico.run_lock import open_run_dir, start_run
 from pico.training import apply_update, captured_step, train_step
+
+RECIPE = os.path.basename(__file__)  # run.json records it: another recipe may not resume this run
 
 
 def lr_lambda(t):
@@ -142,8 +144,9 @@ def main(argv=None):
     # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md). A bad
     # Hub repo or no permission fails here too, before step 0.
     resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
-    resume_from = open_run_dir(run_dir, cfg, dist.device, resume)
+    resume_from = open_run_dir(run_dir, cfg, dist.device, resume, recipe=RECIPE)
     first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
+    start_run(run_dir, cfg, step=first_step, resumed_from=resume_from, recipe=RECIPE)  # run.json, config.yaml
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"

@@ -11,7 +11,7 @@ gives the same numbers on any number of ranks.
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,16 @@ from pico.run_dir import module_matches
 @dataclass
 class ReLoRAConfig:
     """The `relora:` section: the LoRA factors, and when and how they are merged and reset."""
+
+    # The keys a resumed run may change (pico.config.resume_changes): not r, alpha, target_modules or
+    # trainable_scale, which make the model W + s·B·A that the checkpoint holds.
+    changeable_on_resume: ClassVar = (
+        "dropout",
+        "reset_every",
+        "restart_warmup_steps",
+        "optimizer_reset",
+        "prune_ratio",
+    )
 
     r: int = 16
     alpha: float = 32.0

@@ -6,6 +6,7 @@ error met mid-run, two ranks under ./torchrun.sh, a second process holding the r
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pico.model import PicoDecoder
+from pico.run_dir import RunDirError, analysis_dir
 from tests.recipes.common import ROOT, launch
 from tests.tiny import SEQ, VOCAB, shards, tiny_run
 
@@ -89,6 +91,16 @@ CONFIG_CASES = {  # override → the line after "config error: "
         "checkpointing.overwrite: true needs checkpointing.resume=never, got 'auto'",
     ),
     "not an override": (["training.lr"], "training.lr: overrides look like section.key=value"),
+    "negative eps": (["training.eps=-1e-8"], "training.eps: must be >= 0, got -1e-08"),
+    "negative shuffle_seed": (["data.shuffle_seed=-3"], "data.shuffle_seed: must be >= 0, got -3"),
+    "empty layer name": (
+        ['learning_dynamics.layers=[""]'],
+        "learning_dynamics.layers[0]: '' names no module",
+    ),
+    "layer without a weight": (
+        ["learning_dynamics.layers=[layers.0]"],
+        "learning_dynamics.layers: module layers.0 (Block) has no weight to capture",
+    ),
 }
 
 
@@ -176,6 +188,16 @@ def test_demo_config_without_its_corpus_says_how_to_build_it(tmp_path, capsys, m
     )
 
 
+def test_corrupt_tokenizer_next_to_the_data_is_found_before_step_0(data, tmp_path, capsys):
+    train = shutil.copytree(data[0], tmp_path / "train")
+    (train / "tokenizer.json").write_text('{"not": "a tokenizer')
+    code, err = pretrain(capsys, args(data, tmp_path / "run", f"data.path={train}"))
+    assert code == 2 and one_line(err, "data error: ").startswith(
+        f"data error: {train / 'tokenizer.json'}: not a tokenizers file ("
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_row_met_mid_run_exits_2(data, tmp_path):
     path = bad_rows(tmp_path)
     proc = launch(args(data, tmp_path / "run", f"data.path={path.parent}"), check=False)
@@ -203,6 +225,12 @@ RUN_DIR_CASES = {
         lambda run: (run / "checkpoints" / "latest").write_text("step_9\n"),
         [],
         "{run}/checkpoints/latest: names step_9, which has no state/ directory; step_3 is complete "
+        "(checkpointing.resume={run}/checkpoints/step_3)",
+    ),
+    "latest is a directory": (
+        lambda run: ((run / "checkpoints" / "latest").unlink(), (run / "checkpoints" / "latest").mkdir()),
+        [],
+        "{run}/checkpoints/latest: not a file (it names the newest complete step_<N>); step_3 is complete "
         "(checkpointing.resume={run}/checkpoints/step_3)",
     ),
     "empty latest": (
@@ -284,6 +312,97 @@ def test_run_dir_and_checkpoint_errors(finished, data, tmp_path, capsys, case):
     assert code == 2 and one_line(err, "run error: ").startswith(f"run error: {message.format(run=run)}")
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
     assert after == {p: b for p, b in before.items() if p.name != "run.lock"}  # config.yaml too
+
+
+def maml_run(run):
+    """Make the copied run look like one of recipes/maml.py: its run.json and config section."""
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(
+        json.dumps({**record, "recipe": "maml.py", "sections": [*record["sections"], "maml"]})
+    )
+    with open(run / "config.yaml", "a") as f:
+        f.write("maml: {hybrid_ratio: 0.5}\n")
+
+
+# name → (damage the copied run, overrides, the whole line, {run} for the copy): resumes refused before step 0
+RESUME_CASES = {
+    "max_steps below the resumed step": (
+        lambda run: None,
+        ["training.max_steps=2"],
+        "config error: training.max_steps: 2 is below step 3, which the run resumes from "
+        "({run}/checkpoints/step_3); raise it, or resume from an earlier step with checkpointing.resume",
+    ),
+    "batch_size changed": (
+        lambda run: None,
+        ["data.batch_size=8"],
+        "config error: data.batch_size: 4 in {run}/config.yaml, 8 now; it may not change on resume "
+        '(docs/checkpoints.md, "Changing settings on resume"); start a new run in another '
+        "checkpointing.run_dir",
+    ),
+    "seed changed": (
+        lambda run: None,
+        ["training.seed=7"],
+        "config error: training.seed: 42 in {run}/config.yaml, 7 now; it may not change on resume",
+    ),
+    "another recipe's run": (
+        maml_run,
+        [],
+        "run error: {run}/run.json: a run of maml.py (config sections maml), which pretrain.py cannot "
+        "resume; resume it with maml.py, or start a new run in another checkpointing.run_dir",
+    ),
+    "another recipe's run, no run.json": (
+        lambda run: (maml_run(run), (run / "run.json").unlink()),
+        [],
+        "config error: maml: a config section of {run}/config.yaml only (a run of another recipe?); "
+        "resume it with the recipe that trained it",
+    ),
+    "unreadable run.json": (
+        lambda run: (run / "run.json").write_text("{"),
+        [],
+        "run error: {run}/run.json: not a pico run record (JSONDecodeError: ",
+    ),
+    "unreadable hub journal": (
+        lambda run: (run / "checkpoints" / "hub.json").write_text('{"me/r@run": {"zero": "abc"}}'),
+        ["checkpointing.hub.repo_id=me/r"],
+        "hub error: {run}/checkpoints/hub.json: not a pico hub journal (ValueError: invalid literal for "
+        "int() with base 10: 'zero'); delete it and the uploader finds the steps on the Hub again",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_refused_resumes(finished, data, tmp_path, capsys, case):
+    damage, extra, message = RESUME_CASES[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    damage(run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
+    code, err = pretrain(capsys, args(data, run, *extra))
+    assert code == 2 and one_line(err, message.split(":")[0]).startswith(message.format(run=run))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
+def test_a_refused_resume_in_one_process_is_one_line(finished, data, tmp_path):
+    """No torch warning before the cause (DCP warns that it loads in one process)."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    proc = launch(args(data, run, "training.max_steps=2"), check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        RESUME_CASES["max_steps below the resumed step"][2].format(run=run)
+    ]
+
+
+def test_analysis_name_is_one_folder_inside_analysis(finished, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for name, shown in (("..", "'..'"), (".", "'.'"), ("../x", "'../x'")):
+        with pytest.raises(SystemExit) as exit_:
+            recipe("analyze").main(["--run", str(run), f"name={name}"])
+        assert exit_.value.code == 2 and one_line(capsys.readouterr().err, "spec error: ") == (
+            f"spec error: name: expected a folder name (letters, digits, _ . -), got {shown}"
+        )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # tensorboard/ too
+    with pytest.raises(RunDirError, match=r"^analysis name '\.\.': expected a folder name"):
+        analysis_dir(run, "..")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

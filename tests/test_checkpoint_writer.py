@@ -160,7 +160,8 @@ def test_a_failure_on_one_rank_is_the_same_checkpoint_error_on_every_rank(tmp_pa
     }.items():
         errors = [(tmp_path / f"error{step}_rank{r}.txt").read_text() for r in range(2)]
         assert errors == [message, message]
-    assert list_steps(tmp_path, require=STATE) == [0, 3]  # the failed steps are left as .tmp_step_<N>
+    assert list_steps(tmp_path, require=STATE) == [0, 3]
+    assert not list(checkpoints_dir(tmp_path).glob(".tmp_*"))  # a failed step leaves nothing behind
     assert_resumes(tmp_path, 3)
 
 

@@ -1,5 +1,6 @@
 """One run directory, one run: the lock dies with its holder; a new run starts over only when told to."""
 
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import torch
 
 from pico.config import load_config
 from pico.run_dir import RunDirError
-from pico.run_lock import lock_run_dir, open_run_dir, resume_point
+from pico.run_lock import lock_run_dir, open_run_dir, resume_point, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
@@ -52,12 +53,21 @@ def test_overwrite_clears_the_earlier_run_after_every_check(tmp_path):
     fake_run(run_dir)
     keys = [f"checkpointing.run_dir={run_dir}", "checkpointing.resume=never"]
     with pytest.raises(RunDirError, match="holds checkpoints of an earlier run"):
-        open_run_dir(run_dir, load_config(None, keys), CPU)
+        open_run_dir(run_dir, load_config(None, keys), CPU, recipe="pretrain.py")
     assert (run_dir / "config.yaml").read_text() == "old: run\n"  # a refused run changes nothing
     cfg = load_config(None, [*keys, "checkpointing.overwrite=true"])
-    assert open_run_dir(run_dir, cfg, CPU) is None
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "run.lock"]
+    assert open_run_dir(run_dir, cfg, CPU, recipe="pretrain.py") is None
+    assert (run_dir / "config.yaml").read_text() == "old: run\n"  # checked only: start_run writes
+    start_run(run_dir, cfg, step=0, resumed_from=None, recipe="pretrain.py")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "run.json", "run.lock"]
     assert load_config(run_dir / "config.yaml") == cfg
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record == {
+        "recipe": "pretrain.py",
+        "sections": ["model", "data", "training", "checkpointing", "learning_dynamics", "evaluation"]
+        + ["logging"],
+        "starts": [{"step": 0, "from": None, "changes": {}}],
+    }
 
 
 def test_resume_point(tmp_path):

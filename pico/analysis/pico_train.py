@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import pico
 from pico.analysis.checkpoints import BATCH_MEAN
 from pico.errors import AnalysisError
+from pico.model.hf import save_safetensors
 from pico.model.pico_train import interleaved_to_half
 from pico.run_dir import (
     CHECKPOINTS,
@@ -306,7 +306,7 @@ def convert_step(
             {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
         )
         metadata = common | metadata | {"dtype": ", ".join(dtypes)}
-        save_file(tensors, dynamics_file(out_step, name), metadata=metadata)
+        save_safetensors(tensors, dynamics_file(out_step, name), metadata=metadata)
     model_config_file(out_step).parent.mkdir(parents=True, exist_ok=True)
     model_config_file(out_step).write_text(json.dumps(hf_config(info.model, config), indent=2))
 

@@ -264,7 +264,7 @@ def parse_spec(raw: dict) -> AnalysisSpec:
         if labels.count(label) > 1:
             raise SpecError(f"metrics: two entries share the label {label!r}; give one a distinct 'label'")
     name = raw.get("name", "default")
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
         raise SpecError(f"name: expected a folder name (letters, digits, _ . -), got {name!r}")
     steps = raw.get("steps", "all")
     if steps != "all":

@@ -18,8 +18,10 @@ from tokenizers import Tokenizer
 
 from pico.data.shards import COLUMN, DataError
 from pico.errors import exit_on
+from pico.hf_http import configure_hf_http
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+SUFFIXES = (".txt", ".jsonl")  # the local inputs: a .txt file is one document, a .jsonl line one
 WRITE_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=False, write_statistics=False)
 STATS_FILE = "stats.json"
 
@@ -29,16 +31,19 @@ def iter_documents(inputs: Iterable[str], text_column: str = "text", split: str 
     (its `text_column`).
 
     Directories are searched recursively for `.txt`/`.jsonl`, globs expand (sorted); an input that is none of
-    these is a `datasets` id, streamed with `datasets.load_dataset(input, split=split, streaming=True)`.
+    these is a `datasets` id, streamed with `datasets.load_dataset(input, split=split, streaming=True)`. Every
+    bad input is a DataError naming the file and line (or the dataset).
     """
     for item in inputs:
         local = os.path.expanduser(os.path.expandvars(item))
         if os.path.isdir(local):
-            files = sorted(str(p) for p in Path(local).rglob("*") if p.suffix in (".txt", ".jsonl"))
+            files = sorted(str(p) for p in Path(local).rglob("*") if p.suffix in SUFFIXES and p.is_file())
         elif glob.has_magic(local):
             files = sorted(glob.glob(local, recursive=True))
         elif os.path.isfile(local):
             files = [local]
+        elif Path(local).suffix in SUFFIXES or item.startswith((".", "/", "~")) or item.count("/") > 1:
+            raise DataError(f"{item}: no such file or directory")
         else:
             yield from _dataset_documents(item, split, text_column)
             continue
@@ -49,26 +54,48 @@ def iter_documents(inputs: Iterable[str], text_column: str = "text", split: str 
 
 
 def _file_documents(file: str, text_column: str) -> Iterator[str]:
-    if file.endswith(".txt"):
-        yield Path(file).read_text(encoding="utf-8")
-    elif file.endswith(".jsonl"):
-        with open(file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record.get(text_column), str):
-                        raise DataError(f"{file}: line {line_no} has no string field '{text_column}'")
-                    yield record[text_column]
-    else:
+    """The documents of one .txt or .jsonl file."""
+    if not file.endswith(SUFFIXES):
         raise DataError(f"{file}: unsupported input (expected .txt or .jsonl)")
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise DataError(f"{file}: cannot read ({e.strerror})") from None
+    if file.endswith(".txt"):
+        yield text
+        return
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}: line {line_no} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+            raise DataError(f"{file}: line {line_no} has no string field '{text_column}'")
+        yield record[text_column]
 
 
 def _dataset_documents(name: str, split: str, text_column: str) -> Iterator[str]:
+    """The `text_column` of each row of split `split` of `datasets` id `name`, streamed."""
     import datasets
 
-    rows = iter(datasets.load_dataset(name, split=split, streaming=True))
+    configure_hf_http()  # timeouts, quiet retries
+    try:
+        rows = iter(datasets.load_dataset(name, split=split, streaming=True))
+    except Exception as e:  # an unknown id, offline, no permission: datasets raises many types
+        first = " ".join(str(e).split())
+        raise DataError(
+            f"{name}: no such file, and not a dataset that loads ({type(e).__name__}: {first})"
+        ) from None
     try:  # close the iterator deterministically: half-read streams can hang pyarrow at exit (datasets #7467)
-        for row in rows:
+        for i, row in enumerate(rows):
+            if not isinstance(row.get(text_column), str):
+                raise DataError(
+                    f"{name} ({split}) row {i}: no string field '{text_column}' (has {sorted(row)})"
+                )
             yield row[text_column]
     finally:
         rows.close()
@@ -177,44 +204,85 @@ def prepare_dataset(
     Each split: documents in input order, EOS appended to each, concatenated, cut into rows of
     seq_len + 1 tokens (remainder dropped), rows shuffled with `seed`, written as parquet with
     `tokenizer.json` and `stats.json`. Returns the stats of each split, {"train": {...}, "eval": {...}}.
+    Bad input (documents, tokenizer, rows, output) is a DataError; a failed write removes what it wrote.
     """
     out, tokenizer_path = Path(out), Path(tokenizer)
-    for split in ("train", "eval"):
-        if list((out / split).glob("*.parquet")):
-            raise DataError(f"{out / split}: already holds parquet shards; write to an empty --out")
-    if not tokenizer_path.is_file():
-        raise DataError(f"{tokenizer_path}: tokenizer file not found")
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    _check_output(out)
+    tok = load_tokenizer(tokenizer_path)
     eos_token, vocab_size = eos_id(tok, eos), tok.get_vocab_size(with_added_tokens=True)
     tokens = tokenize(documents, tok, batch_documents)
     held_out = split_documents(len(tokens), eval_fraction, seed)
     splits = {"train": [t for i, t in enumerate(tokens) if i not in held_out]}
     if held_out:
         splits["eval"] = [t for i, t in enumerate(tokens) if i in held_out]
-    stats = {}
+    n_shards, stats, rows = {"train": shards, "eval": eval_shards}, {}, {}
     for k, (split, docs) in enumerate(splits.items()):
-        rows, dropped = chunk(docs, eos_token, seq_len + 1)
-        rows = rows[np.random.default_rng([seed, k]).permutation(len(rows))]
-        write_shards(rows, out / split, split, shards if split == "train" else eval_shards, row_group_size)
-        shutil.copyfile(tokenizer_path, out / split / "tokenizer.json")
+        rows[split], dropped = chunk(docs, eos_token, seq_len + 1)
+        rows[split] = rows[split][np.random.default_rng([seed, k]).permutation(len(rows[split]))]
+        if len(rows[split]) < n_shards[split]:
+            raise DataError(
+                f"{out / split}: {len(rows[split])} rows cannot fill {n_shards[split]} shards; use fewer "
+                "shards or more text"
+            )
         stats[split] = {
             "documents": len(docs),
-            "rows": len(rows),
+            "rows": len(rows[split]),
             "seq_len": seq_len,
-            "tokens": int(rows.size),
+            "tokens": int(rows[split].size),
             "dropped_tokens": dropped,
             "vocab_size": vocab_size,
             "eos_id": eos_token,
             "seed": seed,
-            "unigram_entropy_nats": unigram_entropy(rows, vocab_size),
+            "unigram_entropy_nats": unigram_entropy(rows[split], vocab_size),
         }
-        (out / split / STATS_FILE).write_text(json.dumps(stats[split], indent=2) + "\n")
-        print(
-            f"prepare: {split}: {len(docs)} documents → {len(rows)} rows of {seq_len + 1} tokens "
-            f"({dropped} dropped) in {out / split}",
-            file=sys.stderr,
-        )
+    for i, split in enumerate(splits):
+        try:
+            _write_split(
+                out / split, rows[split], n_shards[split], stats[split], tokenizer_path, row_group_size
+            )
+        except DataError:
+            for written in list(splits)[:i]:  # the train split, when eval's write failed
+                shutil.rmtree(out / written, ignore_errors=True)
+            raise
     return stats
+
+
+def _write_split(folder: Path, rows: np.ndarray, shards: int, stats: dict, tokenizer: Path, row_group_size):
+    """One split's shards, tokenizer.json and stats.json in `folder`; a write that fails (a full disk, an
+    output that cannot be written) removes the folder and is a DataError naming it."""
+    try:
+        write_shards(rows, folder, folder.name, shards, row_group_size)
+        shutil.copyfile(tokenizer, folder / "tokenizer.json")
+        (folder / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DataError(f"{folder}: cannot write the shards ({e.strerror or e})") from None
+    print(
+        f"prepare: {folder.name}: {stats['documents']} documents → {stats['rows']} rows of "
+        f"{stats['seq_len'] + 1} tokens ({stats['dropped_tokens']} dropped) in {folder}",
+        file=sys.stderr,
+    )
+
+
+def _check_output(out: Path) -> None:
+    """Raise a DataError unless `out` can hold the splits: no shards there yet, and its nearest existing
+    folder a directory."""
+    for split in ("train", "eval"):
+        if list((out / split).glob("*.parquet")):
+            raise DataError(f"{out / split}: already holds parquet shards; write to an empty --out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{out}: cannot write there ({existing} is a file, not a directory)")
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The `tokenizers` tokenizer in JSON file `path`; a DataError naming the file when there is none."""
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file not found")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot read
+        raise DataError(f"{path}: not a tokenizers file ({' '.join(str(e).split())})") from None
 
 
 def main(argv: list[str] | None = None) -> None:

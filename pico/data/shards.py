@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from tokenizers import Tokenizer
 
 from pico.errors import PicoError
+from pico.hf_http import configure_hf_http
 
 COLUMN = "input_ids"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -46,6 +48,8 @@ def list_shards(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The filesystem and sorted parquet files of a directory (recursive), glob, single file or Hub id."""
     url = resolve_url(path)
     where = f"{path} ({url})" if url != str(path) and "://" in url else str(path)
+    if url.startswith("hf://"):
+        configure_hf_http()  # timeouts, quiet retries
     fs, root = fsspec.core.url_to_fs(url)
     try:
         if glob.has_magic(root):
@@ -80,7 +84,8 @@ def display_name(fs: fsspec.AbstractFileSystem, file: str) -> str:
 
 
 def find_tokenizer(path: str) -> Path | None:
-    """The local `tokenizer.json` next to the shards of `path` (or in their parent directory), else None."""
+    """The local `tokenizer.json` next to the shards of `path` (or in their parent directory), else None;
+    a DataError naming it when it is not a tokenizer that `tokenizers` reads (checked before step 0)."""
     try:
         fs, files = list_shards(path)
     except DataError:
@@ -90,6 +95,10 @@ def find_tokenizer(path: str) -> Path | None:
     folder = Path(files[0]).parent
     for candidate in (folder / "tokenizer.json", folder.parent / "tokenizer.json"):
         if candidate.is_file():
+            try:
+                Tokenizer.from_file(str(candidate))
+            except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot read
+                raise DataError(f"{candidate}: not a tokenizers file ({' '.join(str(e).split())})") from None
             return candidate
     return None
 

@@ -54,10 +54,26 @@ def _need_two(task: str, where: str, n: int) -> None:
         raise TaskError(f"{task}: {where}: {n} choice(s), need at least two")
 
 
+def _text(task: str, where: str, key: str, value) -> str:
+    """`value` of column `key`, which must be a string."""
+    if not isinstance(value, str):
+        raise TaskError(f"{task}: {where}: {key} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _texts(task: str, where: str, key: str, value) -> list[str]:
+    """`value` of column `key`, which must be a list of strings (a string is not read letter by letter)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TaskError(f"{task}: {where}: {key} must be a list of strings, got {value!r:.60}")
+    return value
+
+
 def _gold(task: str, where: str, value, n: int) -> int:
-    """A gold index that must lie in [0, n), of a document with n ≥ 2 choices."""
+    """A gold index that must lie in [0, n), of a document with n ≥ 2 choices: an int or its digits, not a
+    bool."""
     _need_two(task, where, n)
-    index = int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
+    number = isinstance(value, int) and not isinstance(value, bool)
+    index = int(value) if number or (isinstance(value, str) and value.isdigit()) else None
     if index is None or not 0 <= index < n:
         raise TaskError(f"{task}: {where}: gold label {value!r} out of range for {n} choices")
     return index
@@ -71,40 +87,53 @@ def _hellaswag_clean(text: str) -> str:
 
 def hellaswag_item(task: str, doc: dict, where: str) -> Item:
     """ "<activity>: <ctx_a> <Ctx_b>" → one of four endings; gold = label."""
-    context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
-    choices = [_hellaswag_clean(ending) for ending in doc["endings"]]
+    activity, a, b = (_text(task, where, key, doc[key]) for key in ("activity_label", "ctx_a", "ctx_b"))
+    context = _hellaswag_clean(activity + ": " + a + " " + b.capitalize())
+    choices = [_hellaswag_clean(ending) for ending in _texts(task, where, "endings", doc["endings"])]
     return Item(context, choices, _gold(task, where, doc["label"], len(choices)))
 
 
 def arc_item(task: str, doc: dict, where: str) -> Item:
     """ "Question: <q>\\nAnswer:" → choices.text; gold = position of answerKey in choices.label."""
-    labels = list(doc["choices"]["label"])
+    if not isinstance(doc["choices"], dict):
+        raise TaskError(f"{task}: {where}: choices must be a mapping of text and label lists")
+    labels = _texts(task, where, "choices.label", doc["choices"]["label"])
+    texts = _texts(task, where, "choices.text", doc["choices"]["text"])
     _need_two(task, where, len(labels))
-    if doc["answerKey"] not in labels:
-        raise TaskError(f"{task}: {where}: gold label {doc['answerKey']!r} out of range for choices {labels}")
-    return Item(
-        f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), labels.index(doc["answerKey"])
-    )
+    if len(texts) != len(labels) or doc["answerKey"] not in labels:
+        raise TaskError(
+            f"{task}: {where}: gold label {doc['answerKey']!r} out of range for choices {labels} "
+            f"({len(texts)} texts)"
+        )
+    question = _text(task, where, "question", doc["question"])
+    return Item(f"Question: {question}\nAnswer:", texts, labels.index(doc["answerKey"]))
 
 
 def truthfulqa_item(targets: str):
-    """TruthfulQA: primer + "\\n\\nQ: <q>\\nA:" → `targets`.choices; mc1's gold is choice 0."""
+    """TruthfulQA: primer + "\\n\\nQ: <q>\\nA:" → `targets`.choices; labels mark the true ones (mc1: exactly
+    one, the gold; choice 0 in the dataset, as the harness assumes)."""
 
     def item(task: str, doc: dict, where: str) -> Item:
-        choices, labels = list(doc[targets]["choices"]), list(doc[targets]["labels"])
-        if len(labels) != len(choices) or any(label not in (0, 1) for label in labels):
-            raise TaskError(f"{task}: {where}: {targets}.labels must be one 0/1 per choice, got {labels}")
-        context = TRUTHFULQA_PRIMER + "\n\nQ: " + doc["question"] + "\nA:"
-        return Item(context, choices, 0, labels)
+        if not isinstance(doc[targets], dict):
+            raise TaskError(f"{task}: {where}: {targets} must be a mapping of choices and labels")
+        choices = _texts(task, where, f"{targets}.choices", doc[targets]["choices"])
+        labels = doc[targets]["labels"]
+        ok = isinstance(labels, list) and all(type(label) is int and label in (0, 1) for label in labels)
+        if not ok or len(labels) != len(choices) or (targets == "mc1_targets" and labels.count(1) != 1):
+            one = " with exactly one 1" if targets == "mc1_targets" else ""
+            raise TaskError(
+                f"{task}: {where}: {targets}.labels must be one 0/1 per choice{one}, got {labels!r:.60}"
+            )
+        context = TRUTHFULQA_PRIMER + "\n\nQ: " + _text(task, where, "question", doc["question"]) + "\nA:"
+        return Item(context, choices, labels.index(1) if 1 in labels else 0, labels)
 
     return item
 
 
 def blimp_item(task: str, doc: dict, where: str) -> Item:
     """Empty context (the prefix token) → [sentence_good, sentence_bad]; gold = 0."""
-    return Item(
-        "", [doc["sentence_good"], doc["sentence_bad"]], 0, subset=str(doc["UID"]), field=str(doc["field"])
-    )
+    good, bad = (_text(task, where, key, doc[key]) for key in ("sentence_good", "sentence_bad"))
+    return Item("", [good, bad], 0, subset=str(doc["UID"]), field=str(doc["field"]))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pico.evaluation.task import TaskError
+from pico.hf_http import configure_hf_http
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -65,6 +66,7 @@ def hub_documents(
     """(record, "<id> row <i>") of the first `limit` records of a Hub dataset split (`datasets`)."""
     import datasets
 
+    configure_hf_http()  # timeouts, quiet retries
     where = dataset if config is None else f"{dataset} ({config})"
     try:
         records = datasets.load_dataset(
@@ -83,6 +85,7 @@ def hub_configs(task: str, dataset: str) -> list[str]:
     """The config names of a Hub dataset (BLiMP has one per paradigm)."""
     import datasets
 
+    configure_hf_http()
     try:
         return datasets.get_dataset_config_names(dataset)
     except Exception as e:

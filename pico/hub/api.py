@@ -6,11 +6,13 @@ Every Hub request of pico goes through `Hub`; the token comes from HF_TOKEN or `
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pico.errors import PicoError
+from pico.hf_http import configure_hf_http, deadline
 from pico.run_dir import run_name, step_name
 
 STEP_TITLE = re.compile(r"step (\d+)")  # pico's commit titles
@@ -110,30 +112,36 @@ class Hub:
     def __init__(self):
         from huggingface_hub import HfApi
 
+        configure_hf_http()  # every request times out (a silent server never stalls a run); quiet retries
         self.api = HfApi()  # token: HF_TOKEN or the stored login; never passed, never printed
 
-    def _call(self, where: str, fn, *args, **kwargs):
+    def _call(self, where: str, fn, *args, check: bool = False, **kwargs):
+        """`fn(*args, **kwargs)`, its errors as HubError(s); a `check` (what start-up asks) gives up in time:
+        within three read timeouts (pico.hf_http.deadline)."""
         try:
-            return fn(*args, **kwargs)
+            with deadline() if check else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except Exception as e:  # huggingface_hub raises many types; _translate keeps what it knows
             raise _translate(e, where) from None
 
     def create_repo(self, repo_id: str, private: bool) -> None:
         """Create model repo `repo_id` unless it exists."""
-        self._call(repo_id, self.api.create_repo, repo_id, private=private, exist_ok=True)
+        self._call(repo_id, self.api.create_repo, repo_id, private=private, exist_ok=True, check=True)
 
     def create_branch(self, repo_id: str, branch: str) -> None:
         """Create `branch` (from main) unless it exists."""
-        self._call(f"{repo_id}@{branch}", self.api.create_branch, repo_id, branch=branch, exist_ok=True)
+        where = f"{repo_id}@{branch}"
+        self._call(where, self.api.create_branch, repo_id, branch=branch, exist_ok=True, check=True)
 
     def list_tags(self, repo_id: str) -> dict[str, str]:
         """Tag name → commit id."""
-        refs = self._call(repo_id, self.api.list_repo_refs, repo_id)
+        refs = self._call(repo_id, self.api.list_repo_refs, repo_id, check=True)
         return {t.name: t.target_commit for t in refs.tags}
 
     def list_commits(self, repo_id: str, revision: str) -> list[Commit]:
         """The commits reachable from `revision`, newest first."""
-        commits = self._call(f"{repo_id}@{revision}", self.api.list_repo_commits, repo_id, revision=revision)
+        where = f"{repo_id}@{revision}"
+        commits = self._call(where, self.api.list_repo_commits, repo_id, revision=revision, check=True)
         return [Commit(c.commit_id, c.title) for c in commits]
 
     def list_files(self, repo_id: str, revision: str) -> list[str]:

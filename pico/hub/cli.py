@@ -10,7 +10,7 @@ from pico.errors import exit_on
 from pico.hub.api import HubError, check_repo_id
 from pico.hub.config import HubConfig, load_hub_config
 from pico.hub.upload import DRAIN_TIMEOUT, Uploader
-from pico.run_dir import CONFIG
+from pico.run_dir import CONFIG, RunDirError, checkpoints_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     config = Path(args.run_dir) / CONFIG
     with exit_on():
+        if not checkpoints_dir(args.run_dir).is_dir():
+            raise RunDirError(f"{args.run_dir}: not a run directory (no checkpoints/ folder)")
         cfg = load_hub_config(config) if config.is_file() else HubConfig()
         repo_id = args.repo_id or cfg.repo_id
         if repo_id is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pico.config_loader import ConfigError, build, load_tree, section
 from pico.hub.api import HubError, check_repo_id, parse_hf_uri, ref_name
@@ -15,6 +16,8 @@ SECTION = "checkpointing.hub"
 class HubConfig:
     """Upload every checkpoint step to a Hugging Face Hub repo while training (docs/hub.md); off while
     `repo_id` is unset. The token comes from HF_TOKEN or `hf auth login`, never from the config."""
+
+    changeable_on_resume: ClassVar = ("repo_id", "branch", "private", "upload_state")  # pico.config
 
     repo_id: str | None = None
     branch: str | None = None  # default: the run directory's name

@@ -25,6 +25,7 @@ from pico.run_dir import (
     HUB_JOURNAL,
     MANIFEST,
     MODEL,
+    RUN_RECORD,
     STATE,
     CheckpointError,
     checkpoints_dir,
@@ -48,9 +49,15 @@ def read_journal(run_dir, target: str) -> dict[int, str]:
         return {}
     try:
         entries = json.loads(path.read_text()).get(target, {})
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise HubError(f"{path}: not a pico hub journal ({e})") from None
-    return {int(step): commit for step, commit in entries.items()}
+        journal = {int(step): commit for step, commit in entries.items()}
+        if not all(isinstance(commit, str) for commit in journal.values()):
+            raise TypeError("a commit id is not a string")
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # ValueError: bad JSON, a step not a number
+        raise HubError(
+            f"{path}: not a pico hub journal ({type(e).__name__}: {e}); delete it and the uploader finds the "
+            "steps on the Hub again"
+        ) from None
+    return journal
 
 
 def _write_journal(run_dir, target: str, uploaded: dict[int, str]) -> None:
@@ -69,7 +76,7 @@ def published_steps(run_dir) -> list[int]:
 
 def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
     """What the commit of step N holds: path in repo → local file (model/ files at the repo root, the run's
-    config.yaml beside them). Only a complete step whose files match its manifest is uploaded
+    config.yaml and run.json beside them). Only a complete step whose files match its manifest is uploaded
     (`pico.manifest.verified_files`); otherwise a CheckpointError names the file at fault."""
     files = {}
     for name, local in verified_files(step_dir(run_dir, step)).items():
@@ -78,8 +85,9 @@ def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
             files[name.removeprefix(f"{MODEL}/")] = local
         elif part in (DYNAMICS, EVAL, MANIFEST) or (part == STATE and upload_state):
             files[name] = local
-    if (Path(run_dir) / CONFIG).is_file():
-        files[CONFIG] = Path(run_dir) / CONFIG
+    for name in (CONFIG, RUN_RECORD):  # the run's config and recipe record, beside the step's files
+        if (Path(run_dir) / name).is_file():
+            files[name] = Path(run_dir) / name
     return files
 
 
@@ -148,6 +156,7 @@ class Uploader:
         raise HubError now, before step 0; an unreachable Hub only warns and the worker keeps trying."""
         if not self.enabled:
             return self
+        self.pending()  # a journal that cannot be read is refused now, not by the worker mid-run
         hub = api.connect()
         try:
             self._connect(hub)

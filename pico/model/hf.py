@@ -8,6 +8,7 @@ Llama counterpart computes the same function are exported: a fork that swaps a m
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -267,7 +268,7 @@ def save_pretrained(
     directory = Path(directory)
     weights, files = model_files(model_or_state_dict, config, tokenizer=tokenizer, **special_tokens)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(weights, directory / WEIGHTS_FILE, metadata=WEIGHTS_METADATA)
+    save_safetensors(weights, directory / WEIGHTS_FILE, metadata=WEIGHTS_METADATA)
     for name, data in files.items():
         (directory / name).write_bytes(data)
 
@@ -300,6 +301,27 @@ def model_files(
     config_json = llama_config(config, dtypes.pop(), **special_tokens)
     files[CONFIG_FILE] = (json.dumps(config_json, indent=2) + "\n").encode()
     return tensors, files
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, with the file's permissions following the umask as every file pico
+    writes does (safetensors makes it 0600 whatever the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask: from /proc/self/status where Linux has it, which leaves it alone; else set and
+    put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def first_special_token(tokenizer: Tokenizer) -> tuple[int, str] | None:

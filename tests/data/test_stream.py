@@ -10,6 +10,7 @@ import fsspec
 import pytest
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer, models
 
 from pico.data import (
     DataError,
@@ -216,7 +217,12 @@ def test_read_batch_and_eval_batches(shards):
 
 def test_find_tokenizer(shards):
     assert find_tokenizer(shards) is None
-    (shards / "tokenizer.json").write_text("{}")
+    (shards / "tokenizer.json").write_text("{}")  # JSON, but no tokenizer: found before step 0
+    with pytest.raises(DataError, match=rf"^{shards / 'tokenizer.json'}: not a tokenizers file \("):
+        find_tokenizer(shards)
+    Tokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(shards / "tokenizer.json")
+    )
     assert find_tokenizer(shards) == shards / "tokenizer.json"
     assert find_tokenizer(str(shards / "part-*.parquet")) == shards / "tokenizer.json"
 

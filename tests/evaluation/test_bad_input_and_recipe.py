@@ -31,6 +31,15 @@ def bad_files(tmp: Path) -> dict:
     bad_mc2 = [
         dict(d, mc2_targets={**d["mc2_targets"], "labels": [1]}) if i == 0 else d for i, d in enumerate(tqa)
     ]
+    endings_text = [dict(d, endings="four endings as one string") if i == 1 else d for i, d in enumerate(hs)]
+    label_bool = [dict(d, label=True) if i == 0 else d for i, d in enumerate(hs)]
+    arc_text = [dict(d, choices={**d["choices"], "text": "ABC"}) if i == 2 else d for i, d in enumerate(arc)]
+    mc1_two = [
+        dict(d, mc1_targets={**d["mc1_targets"], "labels": [1, 1] + d["mc1_targets"]["labels"][2:]})
+        if i == 1
+        else d
+        for i, d in enumerate(tqa)
+    ]
     (tmp / "empty.jsonl").write_text("")
     (tmp / "empty_dir").mkdir()
     (tmp / "broken.jsonl").write_text(json.dumps(hs[0]) + "\n{not json\n")
@@ -66,6 +75,23 @@ def bad_files(tmp: Path) -> dict:
             TaskSpec("truthfulqa_mc2", str(write_jsonl(tmp / "t.jsonl", bad_mc2))),
             f"truthfulqa_mc2: {tmp / 't.jsonl'} row 0: mc2_targets.labels must be one 0/1 per choice",
         ),
+        "endings a string": (
+            TaskSpec("hellaswag", str(write_jsonl(tmp / "e.jsonl", endings_text))),
+            f"hellaswag: {tmp / 'e.jsonl'} row 1: endings must be a list of strings, got 'four endings as",
+        ),
+        "label true": (
+            TaskSpec("hellaswag", str(write_jsonl(tmp / "b.jsonl", label_bool))),
+            f"hellaswag: {tmp / 'b.jsonl'} row 0: gold label True out of range for 4 choices",
+        ),
+        "choices a string": (
+            TaskSpec("arc_easy", str(write_jsonl(tmp / "a.jsonl", arc_text))),
+            f"arc_easy: {tmp / 'a.jsonl'} row 2: choices.text must be a list of strings, got 'ABC'",
+        ),
+        "mc1 two true": (
+            TaskSpec("truthfulqa_mc1", str(write_jsonl(tmp / "m.jsonl", mc1_two))),
+            f"truthfulqa_mc1: {tmp / 'm.jsonl'} row 1: mc1_targets.labels must be one 0/1 per choice with "
+            "exactly one 1, got [1, 1",
+        ),
         "paloma missing": (TaskSpec("paloma", str(tmp / "no_parquet")), "paloma: "),
         "limit zero": (TaskSpec("arc_easy", limit=0), "arc_easy: limit must be ≥ 1"),
         "twice": (TaskSpec("blimp"), "blimp: task 'blimp' is listed twice"),
@@ -85,6 +111,10 @@ def bad_files(tmp: Path) -> dict:
         "gold out of range",
         "answerKey not a label",
         "mc2 labels",
+        "endings a string",
+        "label true",
+        "choices a string",
+        "mc1 two true",
         "paloma missing",
         "limit zero",
         "twice",
@@ -97,6 +127,21 @@ def test_bad_input_raises_one_line_naming_task_file_and_row(workspace, tmp_path,
         load_tasks(specs, workspace["model_dir"], SEQ_LEN)
     assert fragment in str(error.value) and "\n" not in str(error.value)
     assert isinstance(error.value, ValueError)
+
+
+def test_mc1_gold_is_the_choice_its_labels_mark(workspace, tmp_path):
+    import random
+
+    docs = truthfulqa_docs(4, random.Random(2))
+    moved = [
+        dict(d, mc1_targets={**d["mc1_targets"], "labels": d["mc1_targets"]["labels"][::-1]}) for d in docs
+    ]
+    (task,) = load_tasks(
+        [TaskSpec("truthfulqa_mc1", str(write_jsonl(tmp_path / "m.jsonl", moved)))],
+        workspace["model_dir"],
+        SEQ_LEN,
+    )
+    assert [item.gold for item in task.items] == [len(d["mc1_targets"]["choices"]) - 1 for d in docs]
 
 
 def test_a_text_token_outside_the_vocabulary_names_the_document(workspace):

@@ -1,5 +1,6 @@
 """recipes/pretrain.py with checkpointing.hub against the local stand-in (tests/hub/launch.py), tiny runs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,9 +71,16 @@ def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_
     assert weights_b.keys() == weights_c.keys()
     assert all(weights_b[k].equal(weights_c[k]) for k in weights_b)
     assert step_titles(standin, "run-a") == ["step 0", "step 2", "step 4", "step 6"]
-    # the state, config.yaml to check the model against, and manifest.json to verify the state
+    # the state, config.yaml and run.json to check against, and manifest.json to verify the state
     (download,) = standin.calls("downloaded")
-    assert {f for f in download["files"] if not f.startswith("state/")} == {"config.yaml", "manifest.json"}
+    assert {f for f in download["files"] if not f.startswith("state/")} == {
+        "config.yaml",
+        "manifest.json",
+        "run.json",
+    }
+    starts = json.loads((b / "run.json").read_text())["starts"]  # run-a's start, then run-b's from the Hub
+    assert [(s["step"], s["from"] is None) for s in starts] == [(0, True), (4, False)]
+    assert starts[1]["changes"] == {"training.max_steps": [4, 6], "checkpointing.hub.branch": [None, "run-a"]}
 
 
 def test_network_down_for_the_whole_run(standin, data, tmp_path, monkeypatch):

@@ -110,6 +110,7 @@ def test_offline_keeps_steps_pending_then_cli_uploads(tmp_path, hub, capsys):
 
 
 def test_cli_without_repo_is_one_line(tmp_path, hub, capsys):
+    (tmp_path / "checkpoints").mkdir()
     with pytest.raises(SystemExit) as e:
         pico.hub.cli.main(["upload", str(tmp_path)])
     assert e.value.code == 2
