@@ -216,18 +216,40 @@ def load_checkpoint(
     Before reading any tensor it checks that the state is complete and was trained with `model`'s config,
     raising CheckpointError naming the file (and the newest earlier complete step) or the differing fields.
     """
-    path, number = Path(path), Path(path).name.removeprefix("step_")
-    try:
-        check_train_state(path / STATE)
-    except CheckpointError as e:
-        before = int(number) if number.isdigit() else None
-        raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
+    path = Path(path)
+    check_complete(path)
     check_model_config(path, unwrap(model).config)
     extra = load_train_state(path / STATE, model, optimizer, train_state(0, scheduler, stream))
     scheduler.load_state_dict(extra["scheduler"])
     stream.load_state_dict(extra["data"])
     set_rng_state(extra["rng"])
     return extra["step"]
+
+
+def check_complete(path: Path) -> None:
+    """Raise CheckpointError when step dir `path`'s state is incomplete (`check_train_state`), naming the
+    file and the newest earlier complete step."""
+    number = path.name.removeprefix("step_")
+    try:
+        check_train_state(path / STATE)
+    except CheckpointError as e:
+        before = int(number) if number.isdigit() else None
+        raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
+
+
+def saved_step(path) -> int:
+    """The step N that step dir `path` resumes at, read alone from its state (no tensor), for what must be
+    checked before `load_checkpoint` (the run's data); an incomplete state is its CheckpointError. A
+    collective."""
+    path = Path(path)
+    check_complete(path)
+    state = {"extra": {"step": -1}}
+    try:
+        dcp.load(state, checkpoint_id=str(path / STATE))
+    except (Exception, CheckpointException) as e:
+        cause = _one_line(_dcp_cause(e)[1])
+        raise CheckpointError(f"{path / STATE}: cannot read the step ({cause})") from None
+    return state["extra"]["step"]
 
 
 def check_train_state(path: Path) -> None:

@@ -33,6 +33,7 @@ SPLITS = (
     "eval",
 )  # learning-dynamics files of captured passes; weights.safetensors holds the weights
 DATA_TYPES = ("activations", "gradients", "weights")
+LOSSES = "losses"  # the key of a split's per-token cross-entropy (N, T), no module (the eval split's)
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 _STEP = re.compile(r"step_(\d+)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pico.hub import api
 from pico.hub.api import HubError, default_branch, parse_hf_uri, steps_on_branch
-from pico.run_dir import CONFIG, STATE
+from pico.run_dir import CONFIG, DATA_FINGERPRINT, STATE
 
 
 def _require(folder: Path, pattern: str, where: str, what: str) -> None:
@@ -31,6 +31,7 @@ def resume_source(resume: str, hub_config, run_dir) -> str:
         hub = api.connect()
     else:
         return resume
-    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG])  # config.yaml: to check the model
+    # config.yaml: to check the model; data_fingerprint.json: to check the data (bind_data)
+    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG, DATA_FINGERPRINT])
     _require(folder, f"{STATE}/*", f"{repo_id}@{revision}", "no state/ (uploaded with upload_state: false?)")
     return str(folder)

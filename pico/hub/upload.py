@@ -19,12 +19,14 @@ from pico.hub import api
 from pico.hub.api import Hub, HubError, HubUnavailable, default_branch, step_tag, steps_on_branch
 from pico.run_dir import (
     CONFIG,
+    DATA_FINGERPRINT,
     DYNAMICS,
     EVAL,
     HUB_JOURNAL,
     MODEL,
     STATE,
     checkpoints_dir,
+    data_fingerprint_file,
     list_steps,
     step_dir,
     write_atomic,
@@ -64,7 +66,8 @@ def published_steps(run_dir) -> list[int]:
 
 
 def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
-    """What the commit of step N holds: path in repo → local file (model/ files at the repo root)."""
+    """What the commit of step N holds: path in repo → local file (model/ files at the repo root, the run's
+    config.yaml and data_fingerprint.json beside them)."""
     path = step_dir(run_dir, step)
     files = {
         p.relative_to(path / MODEL).as_posix(): p for p in sorted((path / MODEL).rglob("*")) if p.is_file()
@@ -74,7 +77,8 @@ def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
         files.update(
             {p.relative_to(path).as_posix(): p for p in sorted((path / part).rglob("*")) if p.is_file()}
         )
-    for name, local in ((EVAL, path / EVAL), (CONFIG, Path(run_dir) / CONFIG)):
+    run_files = (CONFIG, Path(run_dir) / CONFIG), (DATA_FINGERPRINT, data_fingerprint_file(run_dir))
+    for name, local in ((EVAL, path / EVAL), *run_files):
         if local.is_file():
             files[name] = local
     return files
