@@ -204,6 +204,15 @@ def data_fingerprint_file(run_dir) -> Path:
     return Path(run_dir) / DATA_FINGERPRINT
 
 
+SPIKES = "spikes"  # dynamics-only checkpoints of loss spikes, laid out as a run directory (pico.spikes)
+SPIKE = "spike.json"  # in such a step dir: the loss, its statistics and the batch's rows in the data
+
+
+def spikes_dir(run_dir) -> Path:
+    """`<run_dir>/spikes`: a run directory of its own whose `step_<N>/` hold update N+1 of a loss spike."""
+    return Path(run_dir) / SPIKES
+
+
 RECAPTURE = "recapture.json"  # a re-captured run's models and eval batch (pico.analysis.recapture)
 
 

@@ -127,6 +127,29 @@ def captured_step(
     return loss, SplitDynamics(cap.activations(), gradients, ids, token_losses)
 
 
+def recaptured_step(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    layers,
+    *,
+    positions: str = "last",
+    precision: str = "fp32",
+) -> SplitDynamics:
+    """The train split of an update whose forward/backward has run already, for when capturing it is decided
+    only after its loss was seen (a loss spike): `captured_step` again on the same micro-batches with the
+    same weights, while the update's own gradients are set aside and then put back, so that the update is
+    as without it. Random draws (dropout) are the caller's: it forks the RNG around the call (pico.spikes
+    does, from the update's own state). A collective; at its peak it holds two sets of gradients."""
+    params = list(model.parameters())
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    _, dynamics = captured_step(model, batches, layers, positions=positions, precision=precision)
+    for p, grad in zip(params, kept):
+        p.grad = grad
+    return dynamics
+
+
 def apply_update(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None
 ) -> tuple[torch.Tensor, bool]:

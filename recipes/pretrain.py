@@ -26,6 +26,7 @@ from pico.model import PicoDecoder
 from pico.model.hf import export_problem
 from pico.run_dir import checkpoints_dir
 from pico.run_lock import open_run_dir
+from pico.spikes import SpikeDetector, save_spike
 from pico.training import apply_update, captured_step, train_step
 
 
@@ -154,6 +155,8 @@ def main(argv=None):
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
+    sd = t.spike_detection
+    spikes = SpikeDetector(sd.window, sd.threshold) if sd.enabled else None
     writer = CheckpointWriter(
         run_dir,
         tokenizer=tokenizer,
@@ -196,6 +199,13 @@ def main(argv=None):
             t0 += t_save  # tokens/s counts training time only
         if last:
             break
+        spike = spikes.observe(loss.item()) if spikes else None
+        if spike is not None:  # keep its batch and the update's learning dynamics (docs/learning_dynamics.md)
+            path = save_spike(
+                run_dir, step, spike, model, batches, stream, rng=state["rng"], ld=ld, precision=t.precision
+            )
+            log.scalars(step + 1, {"train/spike": spike.z})
+            log.print(f"step {step + 1}: loss spike {spike}: its batch and learning dynamics in {path}")
 
         grad_norm, applied = apply_update(model, optimizer, loss, t.grad_clip)
         if not applied:  # the update is dropped; the step (and its batch) still counts
