@@ -45,8 +45,8 @@ class Run:
         return self._checkpoint
 
     def _split(self, data_type: str, split: str | None) -> str | None:
-        if data_type not in DATA_TYPES:
-            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
+        if data_type not in (*DATA_TYPES, LOSSES):
+            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {[*DATA_TYPES, LOSSES]}")
         if data_type == "weights":
             return None
         if split not in SPLITS:
@@ -67,8 +67,12 @@ class Run:
         if step is None:
             raise AnalysisError(f"tensor({data_type!r}): needs step= (one of {self.steps})")
         if data_type == LOSSES:
-            return self.checkpoint(step).losses(self._split("activations", split))
+            return self.checkpoint(step).losses(self._split(LOSSES, split))
         split = self._split(data_type, split)
+        if module is None:
+            raise AnalysisError(
+                f"tensor({data_type!r}): needs a module, e.g. {self.modules(data_type, split)[:1]}"
+            )
         return self.checkpoint(step).load(data_type, module, split)
 
     def component(
