@@ -209,12 +209,22 @@ def train_state(step: int, scheduler, stream) -> dict:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    stream,
+    *,
+    branch: bool = False,
 ) -> int:
-    """Restore model, optimizer, schedule, data position and RNG from `step_<N>/state`; returns N.
+    """Restore model, optimizer, schedule position, data position and RNG from `step_<N>/state`; returns N.
 
-    Before reading any tensor it checks that the state is complete and was trained with `model`'s config,
-    raising CheckpointError naming the file (and the newest earlier complete step) or the differing fields.
+    The hyperparameters (lr, betas, weight decay, ...) stay those `optimizer` was built with, and the LR is
+    the schedule's (`scheduler`'s LambdaLR) at step N, so that a run may change them. `branch`: a new run
+    from another run's step, whose data may differ: the stream continues at the same sample position of this
+    run's data. Before reading any tensor it checks that the state is complete and was trained with
+    `model`'s config, raising CheckpointError naming the file (and the newest earlier complete step) or the
+    differing fields.
     """
     path, number = Path(path), Path(path).name.removeprefix("step_")
     try:
@@ -223,11 +233,25 @@ def load_checkpoint(
         before = int(number) if number.isdigit() else None
         raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
     check_model_config(path, unwrap(model).config)
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     extra = load_train_state(path / STATE, model, optimizer, train_state(0, scheduler, stream))
     scheduler.load_state_dict(extra["scheduler"])
-    stream.load_state_dict(extra["data"])
+    keep_hyperparameters(optimizer, scheduler, hyperparameters)
+    data = {**stream.state_dict(), "samples": extra["data"]["samples"]} if branch else extra["data"]
+    stream.load_state_dict(data)
     set_rng_state(extra["rng"])
     return extra["step"]
+
+
+def keep_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, hyperparameters: list[dict]) -> None:
+    """After loading a checkpoint: put back each param group's `hyperparameters` (what the config built),
+    and set its LR to the schedule's at the loaded step, `initial_lr · lr_lambda(step)` as LambdaLR computes
+    it (so a resume with unchanged config is bitwise unchanged)."""
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def check_train_state(path: Path) -> None:
