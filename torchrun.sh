@@ -45,10 +45,15 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-pico}}
 # One thread per process on CPU unless the caller chose otherwise.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# The signals torchrun forwards to the workers: its defaults, and SIGUSR1/SIGUSR2, which SLURM sends ahead of
+# a time limit (--signal); the workers checkpoint and exit on SIGTERM and SIGUSR1 (training.preempt_signals).
+# torchrun then waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before it SIGKILLs them.
+SIGNALS=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
 
 if [ "$NNODES" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   # Single node: a private rendezvous on a free port, so two runs on one machine never collide.
-  exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" "$@"
+  exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" \
+    --signals-to-handle "$SIGNALS" "$@"
 fi
 if [ -z "${MASTER_ADDR:-}" ]; then # never 127.0.0.1 here: each node would wait on itself
   [ -n "${SLURM_JOB_NODELIST:-}" ] ||
@@ -57,4 +62,4 @@ if [ -z "${MASTER_ADDR:-}" ]; then # never 127.0.0.1 here: each node would wait 
 fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \
-  --rdzv_id "$RDZV_ID" "$@"
+  --rdzv_id "$RDZV_ID" --signals-to-handle "$SIGNALS" "$@"

@@ -307,13 +307,22 @@ def train_state(step: int, scheduler, stream) -> dict:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    stream,
+    *,
+    branch: bool = False,
 ) -> int:
-    """Restore model, optimizer, schedule, data position and RNG from `step_<N>/state`; returns N.
+    """Restore model, optimizer, schedule position, data position and RNG from `step_<N>/state`; returns N.
 
-    Before reading any tensor it verifies the files it reads against the step's manifest, checks that the
-    state is complete and was trained with `model`'s config, raising CheckpointError naming the file (and the
-    newest earlier complete step) or the differing fields. A collective (rank 0 verifies the files).
+    The hyperparameters (lr, betas, weight decay, ...) stay those `optimizer` was built with, and the LR is
+    the schedule's (`scheduler`'s LambdaLR) at step N, so that a run may change them. `branch`: a new run
+    from another run's step, whose data may differ: the stream continues at the same sample position of this
+    run's data. Before reading any tensor it verifies the files it reads against the step's manifest, checks
+    that the state is complete and was trained with `model`'s config, raising CheckpointError naming the file
+    (and the newest earlier complete step) or the differing fields. A collective (rank 0 verifies the files).
     """
     path = Path(path)
     check_complete(path)
@@ -323,7 +332,8 @@ def load_checkpoint(
     try:
         scheduler.load_state_dict(train["scheduler"])
         _keep_config_settings(optimizer, scheduler, settings)
-        stream.load_state_dict(train["data"])
+        data = {**stream.state_dict(), "samples": train["data"]["samples"]} if branch else train["data"]
+        stream.load_state_dict(data)
         set_rng_state(train["rng"])
         return int(train["step"])
     except PicoError:  # e.g. the data changed: its own line
@@ -614,7 +624,8 @@ def verify(path: Path, echo=print) -> list[str]:
         if not found:
             manifest = read_manifest(step)
             how = f"{len(manifest)} files verified ({HASH})" if manifest is not None else NO_MANIFEST
-            echo(f"{step}: ok, {how}")
+            pruned = "" if (step / STATE).exists() else "; no state/ (retention deleted it)"
+            echo(f"{step}: ok, {how}{pruned}")
     return problems
 
 

@@ -7,6 +7,7 @@ Reading (YAML, `section.key=value` overrides, typed dataclasses, ConfigError) is
 from __future__ import annotations
 
 import dataclasses
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,13 +84,21 @@ class TrainingConfig:
         "activation_checkpointing",
         "compile",
         "nan_policy",
+        "decay_steps",
+        "decay_ratio",
+        "decay_shape",
+        "preempt_signals",
+        "preempt_timeout",
     )
 
     max_steps: int = 200_000
     lr: float = 3e-4
     warmup_steps: int = 2500
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
     min_lr_ratio: float = 0.0
+    decay_steps: int | None = None  # wsd: the decay's length; null: decay_ratio · max_steps
+    decay_ratio: float = 0.2  # wsd: the decay's share of max_steps, when decay_steps is null
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: the decay's shape
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -101,17 +110,39 @@ class TrainingConfig:
     seed: int = 42
     nan_policy: Literal["skip", "stop"] = "stop"
     spike_detection: SpikeDetectionConfig = field(default_factory=SpikeDetectionConfig)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_timeout: float = 25.0  # seconds from the signal to exit: the Hub upload wait ends there
+
+    def wsd_decay_steps(self) -> int:
+        """The length of the WSD schedule's decay: `decay_steps`, else `decay_ratio · max_steps` rounded."""
+        return (
+            self.decay_steps
+            if self.decay_steps is not None
+            else max(1, round(self.decay_ratio * self.max_steps))
+        )
 
 
 @dataclass
 class CheckpointingConfig:
     """Where the run directory lives, how often to checkpoint, and what to resume from."""
 
-    changeable_on_resume: ClassVar = ("save_every", "hub")  # run_dir, resume, overwrite: START_KEYS
+    changeable_on_resume: ClassVar = (  # run_dir, resume, overwrite, branch_from: START_KEYS
+        "save_every",
+        "save_steps",
+        "save_log_spaced",
+        "keep_state_last",
+        "keep_state_steps",
+        "hub",
+    )
 
     run_dir: str = "runs/pico"
     save_every: int = 1000
+    save_steps: list[int] = field(default_factory=list)  # more steps to checkpoint
+    save_log_spaced: bool = False  # also 1, 2, 4, ... below save_every (Pythia's early checkpoints)
+    keep_state_last: int | None = None  # state/ only in the newest N checkpoints (and keep_state_steps)
+    keep_state_steps: list[int] = field(default_factory=list)
     resume: str = "auto"  # auto | never | <step dir> | hub | hf://<repo_id>[@<revision>]
+    branch_from: str | None = None  # a new run starts at this step dir of another run
     overwrite: bool = False
     hub: HubConfig = field(default_factory=HubConfig)
 
@@ -241,6 +272,8 @@ def _validate(cfg: Config) -> None:
     _validate_evaluation(cfg.evaluation)
     _validate_learning_dynamics(cfg.learning_dynamics)
     _validate_checkpointing(cfg.checkpointing)
+    _validate_schedule(cfg.training)
+    _validate_long_runs(cfg.training, cfg.checkpointing)
 
 
 def _validate_evaluation(e: EvaluationConfig) -> None:
@@ -291,6 +324,51 @@ def _validate_checkpointing(ck: CheckpointingConfig) -> None:
     check_hub_config(ck.hub, ck.resume)
 
 
+def _validate_schedule(t: TrainingConfig) -> None:
+    """The WSD decay fits after warmup; its keys are not set for another schedule."""
+    if t.schedule != "wsd":
+        if t.decay_steps is not None:
+            raise ConfigError(f"training.decay_steps: only for training.schedule: wsd, got {t.schedule!r}")
+        return
+    if not 0 < t.decay_ratio <= 1:
+        raise ConfigError(f"training.decay_ratio: must be in (0, 1], got {t.decay_ratio}")
+    key = "training.decay_steps" if t.decay_steps is not None else "training.decay_ratio"
+    if not 1 <= t.wsd_decay_steps() <= t.max_steps - t.warmup_steps:
+        raise ConfigError(
+            f"{key}: a decay of {t.wsd_decay_steps()} steps does not fit between warmup_steps="
+            f"{t.warmup_steps} and max_steps={t.max_steps} (1 to {t.max_steps - t.warmup_steps} steps)"
+        )
+
+
+def _validate_long_runs(t: TrainingConfig, ck: CheckpointingConfig) -> None:
+    """Preemption signals are catchable; scheduled and kept steps lie in the run; branch_from starts a run."""
+    catchable = sorted(set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"})
+    for name in t.preempt_signals:
+        if name not in catchable:
+            raise ConfigError(
+                f"training.preempt_signals: {name!r} is not a signal a process can handle "
+                "(e.g. SIGTERM, SIGUSR1)"
+            )
+    if t.preempt_timeout <= 0:
+        raise ConfigError(f"training.preempt_timeout: must be positive, got {t.preempt_timeout}")
+    for key, steps in (("save_steps", ck.save_steps), ("keep_state_steps", ck.keep_state_steps)):
+        for step in steps:
+            if not 0 <= step <= t.max_steps:
+                raise ConfigError(
+                    f"checkpointing.{key}: step {step} is outside the run (0 to max_steps={t.max_steps})"
+                )
+    if ck.keep_state_last is not None and ck.keep_state_last < 1:
+        raise ConfigError(
+            f"checkpointing.keep_state_last: must be at least 1 (the step `latest` names) or null, "
+            f"got {ck.keep_state_last}"
+        )
+    if ck.branch_from is not None and ck.resume not in ("auto", "never"):
+        raise ConfigError(
+            f"checkpointing.branch_from: starts a new run, so checkpointing.resume must be auto or never, "
+            f"got {ck.resume!r}"
+        )
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), cls: type[Config] = Config
 ) -> Config:
@@ -308,7 +386,12 @@ def load_model_config(path: str | Path) -> PicoDecoderConfig:
     return Config(model=model).model_config()
 
 
-START_KEYS = ("checkpointing.run_dir", "checkpointing.resume", "checkpointing.overwrite")  # how a run starts
+START_KEYS = (  # how a run starts
+    "checkpointing.run_dir",
+    "checkpointing.resume",
+    "checkpointing.overwrite",
+    "checkpointing.branch_from",
+)
 
 
 def resume_changes(old: dict, cfg: Config, where: str) -> dict[str, list]:

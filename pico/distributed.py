@@ -226,6 +226,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is true on any rank (a MAX all-reduce of one CPU int), `flag` itself
+    without a process group. A collective on `group`: a gloo group (`new_gloo_group`), so that asking
+    costs no device synchronisation."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if dist.is_initialized():

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from pico.model.hf import CONFIG_FILE, WEIGHTS_FILE
-from pico.run_dir import MANIFEST, MODEL, STATE, CheckpointError
+from pico.run_dir import DROPPED_STATE, MANIFEST, MODEL, STATE, CheckpointError
 from pico.state_reader import check_train_state
 
 HASH = "xxh3_128"
@@ -243,14 +243,19 @@ def _check(step_path: Path, manifest: dict, parts: list[str], root: Path | None)
     problems, found = [], {}
     for path in _walk(step_path, parts):
         name = path.relative_to(step_path).as_posix()
+        if name.startswith(DROPPED_STATE + "/"):  # retention's deletion in progress (pico.run_dir.drop_state)
+            continue
         if fault := _link_fault(path, root):
             problems.append(fault)
         elif name in manifest:
             found[name] = path
         elif name != MANIFEST:
             problems.append(f"{path}: not listed in {step_path / MANIFEST}")
+    pruned = STATE not in parts and not (step_path / STATE).exists()  # retention deleted all of state/
     for name in _selected(manifest, parts):
         path = step_path / name
+        if pruned and name.startswith(STATE + "/"):
+            continue
         if name in found:
             problems += [problem] if (problem := _compare(path, manifest[name])) else []
         elif not any(p.startswith(f"{path}: ") for p in problems):
@@ -307,6 +312,8 @@ def step_faults(step_path: Path) -> list[str]:
     written before manifests): what can be checked without it: no symlink to a directory or out of the run,
     every file the state's metadata lists at full size, model/ holding config.json and model.safetensors,
     every safetensors file as long as its header says. Both read state/.metadata with the allow-list.
+    A step with no state/ at all (checkpointing.keep_state_last deleted it) is sound without it; its
+    manifest still lists the state/ files as they were written.
     """
     step_path, root = Path(step_path), run_root(step_path)
     manifest = read_manifest(step_path)
@@ -321,9 +328,7 @@ def step_faults(step_path: Path) -> list[str]:
             ]
         tensors = [p for p in _walk(step_path, ["."]) if p.name.endswith(".safetensors") and p.is_file()]
         problems += [problem for path in tensors if (problem := _safetensors_fault(path))]
-    if not problems and not (step_path / STATE).is_dir():
-        problems.append(f"{step_path / STATE}: missing")
-    elif not problems:
+    if not problems and (step_path / STATE).exists():
         try:
             check_train_state(step_path / STATE)
         except CheckpointError as e:
@@ -336,7 +341,8 @@ def verified_files(step_path: Path) -> dict[str, Path]:
     included; otherwise a CheckpointError naming the first file at fault."""
     step_path = Path(step_path)
     _raise_first(step_faults(step_path))
-    return {path.relative_to(step_path).as_posix(): path for path in sorted(_walk(step_path, ["."]))}
+    files = {path.relative_to(step_path).as_posix(): path for path in sorted(_walk(step_path, ["."]))}
+    return {name: path for name, path in files.items() if not name.startswith(DROPPED_STATE + "/")}
 
 
 def _safetensors_fault(path: Path) -> str | None:

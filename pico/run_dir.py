@@ -28,6 +28,7 @@ MODEL = "model"  # an HF model dir (pico.model.hf): config.json, model.safetenso
 STATE = "state"
 TRAIN_STATE = "train_state.json"  # in state/: step, LR schedule, data position, RNG, optimizer param groups
 MANIFEST = "manifest.json"  # in a step dir: every file's size and hash (pico.manifest)
+DROPPED_STATE = ".state.deleting"  # in a step dir: a state/ being deleted by retention (drop_state)
 DYNAMICS = "learning_dynamics"
 EVAL = "eval.json"
 ANALYSIS = "analysis"
@@ -111,17 +112,25 @@ def module_matches(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def list_steps(run_dir, require: str = DYNAMICS) -> list[int]:
+def step_number(step_path) -> int | None:
+    """N of a `step_<N>` directory path; None for a path named otherwise."""
+    m = _STEP.fullmatch(Path(step_path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_steps(run_dir, require: str | None = DYNAMICS) -> list[int]:
     """Steps N, ascending, whose `step_<N>/` holds `require` (a sub-path such as learning_dynamics
-    or state)."""
+    or state; None: every step dir)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         raise RunDirError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
     steps = sorted(
-        int(m.group(1)) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and (p / require).exists()
+        int(m.group(1))
+        for p in root.iterdir()
+        if (m := _STEP.fullmatch(p.name)) and p.is_dir() and (require is None or (p / require).exists())
     )
     if not steps:
-        raise RunDirError(f"{root}: no step_<N>/{require} folders")
+        raise RunDirError(f"{root}: no step_<N>/{require or ''} folders")
     return steps
 
 
@@ -199,6 +208,21 @@ def publish_step(root: Path, tmp: Path, step: int) -> None:
     os.rename(tmp, final)
     _fsync_dir(root)
     write_atomic(root / LATEST, step_name(step) + "\n")
+
+
+def drop_state(step_path: Path) -> None:
+    """Delete `<step_path>/state` (retention, rank 0) so that a crash leaves it whole or gone: renamed to
+    `.state.deleting` (atomic), then deleted; `drop_leftovers` removes what a crash left of the latter."""
+    trash = Path(step_path) / DROPPED_STATE
+    os.rename(Path(step_path) / STATE, trash)
+    _fsync_dir(Path(step_path))
+    shutil.rmtree(trash)
+
+
+def drop_leftovers(run_dir) -> None:
+    """Delete what a crash in `drop_state` left: the `step_<N>/.state.deleting` dirs (rank 0)."""
+    for leftover in checkpoints_dir(run_dir).glob(f"step_*/{DROPPED_STATE}"):
+        shutil.rmtree(leftover)
 
 
 def new_step_dir(run_dir, step: int) -> Path:

@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from maml_modules import MamlDecoder, MamlRunConfig, maml_scalars, maml_step, mask_token_id, step_episodes
@@ -35,17 +36,19 @@ from tokenizers import Tokenizer
 
 from pico.capture import capture_weights, check_capture, prepare_compile
 from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, saved_step, train_state
+from pico.checkpoint_schedule import Retention, is_checkpoint_step
 from pico.config import load_config
 from pico.data import TokenStream, find_tokenizer, read_batch
 from pico.data.fingerprint import bind_data
 from pico.distributed import cleanup, init_distributed, parallelize, resolve_strategy
 from pico.errors import exit_on
 from pico.evaluation import evaluate_tasks, load_tasks
-from pico.hub import resume_source, start_uploader
+from pico.hub import DRAIN_TIMEOUT, resume_source, start_uploader
 from pico.logging import TrainLogger, peak_flops
 from pico.model.hf import export_problem
+from pico.preemption import Preemption
 from pico.run_dir import checkpoints_dir
-from pico.run_lock import open_run_dir, start_run
+from pico.run_lock import branch_changes, changes_line, open_run_dir, start_run
 from pico.spikes import SpikeDetector, save_spike
 from pico.training import apply_update
 
@@ -53,15 +56,21 @@ RECIPE = os.path.basename(__file__)  # run.json records it: another recipe may n
 
 
 def lr_lambda(t):
-    """Linear warmup to `lr`, then linear or cosine decay to `min_lr_ratio · lr` at `max_steps`."""
+    """Linear warmup to `lr`, then linear or cosine decay to `min_lr_ratio · lr` at `max_steps`; or WSD:
+    `lr` held, then a linear or 1-sqrt decay over the last `wsd_decay_steps()` steps (Hägele et al. 2024)."""
 
     def factor(step):
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         if t.schedule == "constant":
             return 1.0
-        decay = 1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        if t.schedule == "wsd":  # stable until the decay's start, then through it
+            decay_steps = t.wsd_decay_steps()
+            progress = min(1.0, max(0, step - (t.max_steps - decay_steps)) / decay_steps)
+            decay = 1 - progress if t.decay_shape == "linear" else 1 - math.sqrt(progress)
+        else:
+            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+            decay = 1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
     return factor
@@ -102,17 +111,20 @@ def measure(step, model, tasks, eval_batch, *, cfg, dist, log):
     return ckpt, time.perf_counter() - start
 
 
-def finish(writer, uploader, log):
-    """Wait for the last checkpoint write and the Hub uploads; close the logs and the process group."""
+def finish(writer, uploader, retention, log, upload_timeout=DRAIN_TIMEOUT):
+    """Wait for the last checkpoint write and the Hub uploads (up to `upload_timeout` s), delete the train
+    state that retention no longer keeps, close the logs and the process group."""
     writer.complete_write()
-    uploader.finish()  # prints the steps it could not upload with the command that retries them
+    uploader.finish(upload_timeout)  # prints the steps it could not upload with the command that retries them
+    retention.prune()  # the states that waited for their upload
     log.close()
     cleanup()
 
 
 @exit_on()  # bad input, before step 0 or mid-run (a bad row of data): one line `<kind>: <message>`, exit 2
 def main(argv=None):
-    """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it."""
+    """Train one run as configured; exit 2 on bad input, 3 when a non-finite loss stops it, 75 when a signal
+    preempts it (resumable: launch the same command)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, cls=MamlRunConfig)
     t, d, ld, ck = cfg.training, cfg.data, cfg.learning_dynamics, cfg.checkpointing
@@ -149,18 +161,22 @@ def main(argv=None):
     tasks = load_tasks(specs, tokenizer, d.seq_len, vocab_size=model_cfg.vocab_size)
 
     # One run per run directory: lock it, resume from the latest complete checkpoint (or the one named, also
-    # on the Hub) once checked against this config, else start a new run there (docs/checkpoints.md). A bad
-    # Hub repo or no permission fails here too, before step 0.
+    # on the Hub) once checked against this config, else start a new run there, from scratch or from another
+    # run's step (`branch_from`: docs/checkpoints.md). A bad Hub repo or no permission fails here too.
     resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
     resume_from = open_run_dir(run_dir, cfg, dist.device, resume, recipe=RECIPE)
-    first_step = saved_step(resume_from) if resume_from else 0
+    branch = None if resume_from or ck.branch_from is None else Path(ck.branch_from)  # another run's step
+    load_from = resume_from or branch
+    first_step = saved_step(load_from) if load_from else 0
     # The run is bound to its data: a new run records it, a resumed one must find it unchanged (docs/data.md).
     data_changes = bind_data(
         run_dir, stream, eval_batch, eval_data=ld.eval_data, resume_from=resume_from, step=first_step
     )
-    if resume_from:
-        load_checkpoint(resume_from, model, optimizer, scheduler, stream)
-    start_run(run_dir, cfg, step=first_step, resumed_from=resume_from, recipe=RECIPE)  # run.json, config.yaml
+    if load_from:
+        load_checkpoint(load_from, model, optimizer, scheduler, stream, branch=bool(branch))
+    start_run(  # run.json, config.yaml
+        run_dir, cfg, step=first_step, resumed_from=resume_from, recipe=RECIPE, branched_from=branch
+    )
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
     origin = f"resumed from {resume_from} at step {first_step}" if resume_from else f"new run in {run_dir}"
@@ -170,32 +186,39 @@ def main(argv=None):
     )
     if data_changes:
         log.print(f"data.allow_changed: from step {first_step} on the data differ: {data_changes}")
+    if branch:
+        changed = changes_line(branch_changes(branch, cfg))
+        log.print(f"branched from {branch} at step {first_step}; changed: {changed}")
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
     sd = t.spike_detection
     spikes = SpikeDetector(sd.window, sd.threshold) if sd.enabled else None
+    retention = Retention(run_dir, ck, uploader)  # checkpointing.keep_state_last / keep_state_steps
     writer = CheckpointWriter(
         run_dir,
         tokenizer=tokenizer,
         export=not no_export,
         positions=ld.positions,
         dtype=ld.dtype,
-        on_published=uploader.enqueue,
+        on_published=retention.published,  # hands the step to the Hub uploader, then prunes old state/
     )
+    preemption = Preemption(t.preempt_signals, t.preempt_timeout)  # from here, a signal stops at a step's end
 
     # The loop. The weights are W_step at the top. A checkpoint step measures W_step (evaluation and the eval
     # split), captures the train split on the real forward/backward of update step+1, and saves it all
-    # before that update is applied. The step a run resumed from is saved already.
+    # before that update is applied. The step a run resumed from is saved already; a branch saves its first.
+    # A preemption signal on any rank ends the loop at the next step: its checkpoint, then exit 75.
     for step in range(first_step, t.max_steps + 1):
-        due = step % ck.save_every == 0 or step == t.max_steps
+        stop = preemption.requested()  # every rank agrees (a collective)
+        due = step == first_step or is_checkpoint_step(step, ck, t.max_steps)
         saved = resume_from is not None and step == first_step
         ckpt, t_eval = None, 0.0
         if due and not saved:
             ckpt, t_eval = measure(step, model, tasks, eval_batch, cfg=cfg, dist=dist, log=log)
         optimizer.zero_grad(set_to_none=True)
         state, t0 = train_state(step, scheduler, stream), time.perf_counter()
-        last = step == t.max_steps  # past it, only the train split needs the batch of update step+1
+        last = step == t.max_steps or stop  # past it, only the train split needs the batch of update step+1
         capturing = ckpt is not None and ld.enabled
         batches = stream.next_batch() if not last or (capturing and stream.has_batch(step)) else None
         if batches:  # which micro-batches are meta steps, and their episodes, from (seed, step)
@@ -206,6 +229,8 @@ def main(argv=None):
             )
         elif batches and not last:
             loss, stats, _ = maml_step(model, batches, episodes, t.precision)
+        if stop and ckpt is None and not saved:  # preempted between scheduled steps: its state and model
+            ckpt = CheckpointStep(step, {})
         if ckpt is not None:  # write step_<step> in the background; the end of training waits, to log it
             ckpt.train_state, ckpt.weights = state, capture_weights(model, ld.layers) if capturing else None
             start = time.perf_counter()
@@ -239,7 +264,7 @@ def main(argv=None):
                 if ckpt is None and not saved:
                     writer.complete_write()
                     writer.save(CheckpointStep(step, state), model, optimizer)
-                finish(writer, uploader, log)
+                finish(writer, uploader, retention, log)
                 sys.exit(3)
         scheduler.step()
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == t.max_steps:
@@ -248,8 +273,11 @@ def main(argv=None):
             log.train(step + 1, loss.item(), scheduler.get_last_lr()[0], grad_norm.item(), tokens_per_s, mfu)
             log.scalars(step + 1, maml_scalars(stats))
     stream.close()
+    if stop and step < t.max_steps:
+        finish(writer, uploader, retention, log, upload_timeout=preemption.time_left())
+        preemption.exit(step)
     log.print(f"done: {step} steps, {skipped} skipped; checkpoints in {checkpoints_dir(run_dir)}")
-    finish(writer, uploader, log)
+    finish(writer, uploader, retention, log)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def check_data(run_dir, train: dict, *, evals: dict | None = None, step: int = 0
 
 def bind_data(run_dir, stream, eval_batch=None, *, eval_data=None, resume_from=None, step: int = 0):
     """Bind the run in `run_dir` to the data of `stream` (a TokenStream) and `eval_batch` (read from
-    `eval_data`); a collective. A new run (`resume_from` None) records them from step 0. A run resuming at
+    `eval_data`); a collective. A new run (`resume_from` None) records them from `step` (0, or the step a
+    branch starts at). A run resuming at
     `step` compares them with the data it recorded for that step: when they differ, every rank raises the
     same one-line DataError, unless `stream.allow_changed`, and then the new data are recorded from `step` on.
     A run directory without a record takes the one beside `resume_from`'s state (a step fetched from the
@@ -145,7 +146,7 @@ def bind_data(run_dir, stream, eval_batch=None, *, eval_data=None, resume_from=N
             train = train_fingerprint(stream.index)
             evals = eval_fingerprint(eval_data, eval_batch) if eval_batch is not None else None
             if resume_from is None:
-                record_fingerprint(run_dir, train, evals=evals)
+                record_fingerprint(run_dir, train, evals=evals, step=step)
             else:
                 changes = check_data(
                     run_dir, train, evals=evals, step=step, allow_changed=stream.allow_changed

@@ -69,10 +69,11 @@ def _write_journal(run_dir, target: str, uploaded: dict[int, str]) -> None:
 
 
 def published_steps(run_dir) -> list[int]:
-    """The published steps of a run directory (those with `state/`), ascending; none before the first."""
-    if not any(checkpoints_dir(run_dir).glob(f"step_*/{STATE}")):
+    """The published steps of a run directory (every `step_<N>/`: retention may have deleted its `state/`),
+    ascending; none before the first."""
+    if not any(p.is_dir() for p in checkpoints_dir(run_dir).glob("step_*")):
         return []
-    return list_steps(run_dir, require=STATE)
+    return list_steps(run_dir, require=None)
 
 
 def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:

@@ -1,15 +1,17 @@
 """Run a recipe (recipes/pretrain.py unless `--recipe PATH`), SIGKILLing rank 0 at a checkpoint:
-`kill_at.py <step>:<writing|done|background> [--recipe PATH] ARGS...`.
+`kill_at.py <step>:<writing|done|background|pruning> [--recipe PATH] ARGS...`.
 
 `writing`: once step_<step>'s files are all written, before it is renamed and named `latest` (the worst
 moment); `done`: right after `latest` names it; `background`: while step_<step> is being written in the
 background, once training has applied update step+2 (a run from scratch; update step+1 is logged by then),
-before it is renamed. The crash-safety tests launch this instead of the recipe, so that the library itself
+before it is renamed; `pruning`: while retention deletes step_<step>'s state/ (renamed away, one file
+deleted). The crash-safety tests launch this instead of the recipe, so that the library itself
 carries no test hook.
 """
 
 import os
 import runpy
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +25,7 @@ recipe = Path(__file__).resolve().parents[2] / "recipes" / "pretrain.py"
 if sys.argv[1:2] == ["--recipe"]:
     recipe = Path(sys.argv.pop(2)).resolve()
     sys.argv.pop(1)
-publish, apply_update = pico.run_dir.publish_step, pico.training.apply_update
+publish, apply_update, rmtree = pico.run_dir.publish_step, pico.training.apply_update, shutil.rmtree
 updates = threading.Semaphore(0)  # released once per update the training loop applies
 
 
@@ -48,7 +50,17 @@ def publish_then_maybe_die(root, tmp, at):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def rmtree_or_die(path, *args, **kwargs):
+    """shutil.rmtree, but a SIGKILL halfway through deleting step_<step>'s state/ (run_dir.drop_state)."""
+    path = Path(path)
+    if phase == "pruning" and path.name == pico.run_dir.DROPPED_STATE and path.parent.name == f"step_{step}":
+        next(p for p in path.rglob("*") if p.is_file()).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    rmtree(path, *args, **kwargs)
+
+
 pico.run_dir.publish_step = publish_then_maybe_die
+shutil.rmtree = rmtree_or_die
 pico.training.apply_update = apply_and_count
 sys.argv[0] = str(recipe)
 sys.path.insert(0, str(recipe.parent))  # as `python recipe.py` does: the recipe imports its neighbours
