@@ -381,11 +381,7 @@ def saved_step(path) -> int:
     if (state / TRAIN_STATE).is_file() or not (state / ".metadata").is_file():
         return read_train_state(state)["step"]
     extra = {"extra": _legacy_extra(read_metadata(state), state)}
-    _ignore_single_process_warning()
-    try:
-        dcp.load(extra, storage_reader=StateReader(state), planner=SafeLoadPlanner())
-    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
-        raise CheckpointError(f"{state}: cannot read the step ({_one_line(_dcp_cause(e)[1])})") from None
+    _safe_load(extra, state)
     return int(extra["extra"]["step"])
 
 
@@ -472,17 +468,7 @@ def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         state["optim"] = optim if legacy else {"state": optim["state"]}
     if legacy:
         state["extra"] = _legacy_extra(metadata, path)
-    _ignore_single_process_warning()
-    try:
-        dcp.load(state, storage_reader=StateReader(path), planner=SafeLoadPlanner())
-    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
-        cause = _dcp_cause(e)[1]
-        if isinstance(cause, pickle.UnpicklingError):  # torch.load(weights_only=True) refused an item
-            raise CheckpointError(
-                f"{path}: refused by torch.load(weights_only=True): {_refusal(cause)} (a damaged, crafted or "
-                "foreign checkpoint; pico does not run code from checkpoints)"
-            ) from None
-        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(cause)}") from None
+    _safe_load(state, path)
     train = _from_legacy(state.pop("extra")) if legacy else read_train_state(path)
     groups = train.pop("param_groups", None)
     set_model_state_dict(model, state["model"])
@@ -494,6 +480,23 @@ def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit ({_one_line(e)})") from None
     return train
+
+
+def _safe_load(state: dict, path: Path) -> None:
+    """`dcp.load` of `state` from DCP dir `path` through pico's allow-list reader and planner, the one read of
+    an untrusted state/: an item torch.load(weights_only=True) refuses, or any other failure, is one
+    CheckpointError naming `path`."""
+    _ignore_single_process_warning()
+    try:
+        dcp.load(state, storage_reader=StateReader(path), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
+        cause = _dcp_cause(e)[1]
+        if isinstance(cause, pickle.UnpicklingError):  # torch.load(weights_only=True) refused an item
+            raise CheckpointError(
+                f"{path}: refused by torch.load(weights_only=True): {_refusal(cause)} (a damaged, crafted or "
+                "foreign checkpoint; pico does not run code from checkpoints)"
+            ) from None
+        raise CheckpointError(f"{path}: cannot be loaded: {_one_line(cause)}") from None
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:

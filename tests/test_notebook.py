@@ -18,7 +18,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     run = tmp_path / "tiny"
     monkeypatch.setenv("PICO_RUN", str(run))  # absent: the first cell trains a tiny run there
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    temp = tmp_path / "temp"  # where the kernel's tempfile writes the tokens it trains on
+    temp = tmp_path / "temp"  # the kernel's temp dir: the tokens it trains on must not be left there
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -30,7 +30,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 3  # CKA (steps and layers), PER of gradients, OV circuit per head
     assert (run / "checkpoints" / "step_20" / "learning_dynamics" / "weights.safetensors").is_file()
-    assert not list(temp.rglob("*.parquet"))  # the notebook removed the tokens once the run was trained
+    assert not list(temp.rglob("*.parquet"))  # the tokens live beside the run, which batch_at replays
+    assert (tmp_path / "tiny-tokens" / "train" / "part-000.parquet").is_file()
     tables = [out["data"]["text/plain"] for out in outputs if "text/plain" in out.get("data", {})]
     assert "perplexity" in tables[0] and "per" in tables[-1] and "norm_spectral" in tables[-1]
     assert any("next token" in table and "loss at 20" in table for table in tables)  # easier / harder tokens

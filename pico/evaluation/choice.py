@@ -291,7 +291,10 @@ def load_choice_task(
             raise TaskError(f"{name}: {where}: malformed document ({type(e).__name__}: {e})") from e
         _need_two(name, where, len(item.choices))
         for i, choice in enumerate(item.choices):
-            context, continuation = encoder.pair(item.context, " " + choice)
+            try:
+                context, continuation = encoder.pair(item.context, " " + choice)
+            except TaskError as e:  # an empty context and a tokenizer without BOS/EOS
+                raise TaskError(f"{name}: {where}: {e}") from None
             if not 1 <= len(continuation) <= max_length:
                 raise TaskError(
                     f"{name}: {where}: choice {i} has {len(continuation)} tokens, need 1..{max_length}"

@@ -12,15 +12,18 @@ from pico.model.hf import first_special_token
 
 
 class Encoder:
-    """A `tokenizers.Tokenizer` plus the token that conditions an empty context (HFLM's `prefix_token_id`)."""
+    """A `tokenizers.Tokenizer` plus the token that conditions an empty context (HFLM's `prefix_token_id`);
+    None for a tokenizer without a BOS/EOS token, which then takes no request with an empty context."""
 
-    def __init__(self, tokenizer: Tokenizer, prefix_id: int):
+    def __init__(self, tokenizer: Tokenizer, prefix_id: int | None):
         self.tokenizer, self.prefix_id = tokenizer, prefix_id
-        self.prefix_text = tokenizer.decode([prefix_id], skip_special_tokens=False)
+        self.prefix_text = (
+            None if prefix_id is None else tokenizer.decode([prefix_id], skip_special_tokens=False)
+        )
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; special tokens added unless `text` starts with the prefix."""
-        special = special and not text.startswith(self.prefix_text)
+        special = special and not (self.prefix_text and text.startswith(self.prefix_text))
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -29,6 +32,8 @@ class Encoder:
         Trailing spaces of the context move to the continuation; an empty context becomes the prefix token.
         """
         if not context:
+            if self.prefix_id is None:
+                raise TaskError("tokenizer: no BOS/EOS token to condition an empty context on")
             ids = self.encode(continuation, special=False)
             return ([self.prefix_id], ids) if ids[:1] != [self.prefix_id] else (ids[:1], ids[1:])
         spaces = len(context) - len(context.rstrip())
@@ -47,7 +52,8 @@ def load_encoder(tokenizer: Tokenizer | str | Path) -> Encoder:
     """An Encoder from a Tokenizer, a tokenizer.json or a model dir holding one (+ tokenizer_config.json).
 
     The prefix is the BOS token of tokenizer_config.json / special_tokens_map.json, else their EOS token, else
-    (pico's convention, as its exported model dirs) the tokenizer's first special token.
+    (pico's convention, as its exported model dirs) the tokenizer's first special token, else None: only a
+    request with an empty context needs one (`Encoder.pair` raises then), not decoding or other contexts.
     """
     names: dict = {}
     if not isinstance(tokenizer, Tokenizer):
@@ -69,6 +75,4 @@ def load_encoder(tokenizer: Tokenizer | str | Path) -> Encoder:
         if name is not None and tokenizer.token_to_id(name) is not None:
             return Encoder(tokenizer, tokenizer.token_to_id(name))
     first = first_special_token(tokenizer)
-    if first is None:
-        raise TaskError("tokenizer: no BOS/EOS token to condition an empty context on")
-    return Encoder(tokenizer, first[0])
+    return Encoder(tokenizer, None if first is None else first[0])

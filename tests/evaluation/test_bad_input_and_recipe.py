@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,26 @@ def test_hub_dataset_unreachable_is_a_clean_error(workspace, monkeypatch):
 def test_tasks_other_than_paloma_need_a_tokenizer():
     with pytest.raises(TaskError, match="^blimp, hellaswag: need a tokenizer"):
         load_tasks([TaskSpec("blimp"), TaskSpec("hellaswag")], None, SEQ_LEN)
+
+
+def test_a_tokenizer_without_a_special_token_refuses_only_an_empty_context(workspace, tmp_path):
+    """No BOS/EOS to condition an empty context on: no tasks and contexts load as before (a run's tokenizer
+    beside its data may have none), blimp's empty contexts are one line naming the document."""
+    tree = json.loads((workspace["root"] / "tokenizer.json").read_text())
+    tree["added_tokens"] = [dict(token, special=False) for token in tree["added_tokens"]]
+    plain = tmp_path / "tokenizer.json"
+    plain.write_text(json.dumps(tree))
+    assert load_tasks([], plain, SEQ_LEN) == []
+    arc = [TaskSpec("arc_easy", str(workspace["files"]["arc_easy"]))]
+    (task,), (same,) = load_tasks(arc, plain, SEQ_LEN), load_tasks(arc, workspace["model_dir"], SEQ_LEN)
+    assert [(c.tolist(), x.tolist()) for c, x in task.requests] == [
+        (c.tolist(), x.tolist()) for c, x in same.requests
+    ]
+    with pytest.raises(TaskError) as error:
+        load_tasks([TaskSpec("blimp", str(workspace["files"]["blimp"]))], plain, SEQ_LEN)
+    assert re.fullmatch(
+        r"blimp: \S+ row 0: tokenizer: no BOS/EOS token to condition an empty context on", str(error.value)
+    ), str(error.value)
 
 
 def test_limit_takes_the_first_documents_and_blimp_limits_each_paradigm(workspace):
