@@ -14,6 +14,7 @@ from pico.analysis import analyze
 from pico.checkpoint_schedule import checkpoint_steps
 from pico.config import load_config
 from pico.data import TokenStream
+from pico.data.replay import batch_at
 from pico.run_dir import RunDirError, list_steps
 from pico.run_lock import resume_point
 from tests.recipes.common import launch
@@ -163,6 +164,15 @@ def test_a_branch_with_another_lr_follows_the_parent_until_the_change(run, data,
         overrides(data, branch, f"checkpointing.branch_from={parent}/checkpoints/step_16", "training.lr=2e-4")
     )
     assert "changed: training.lr 0.001 → 0.0002" in proc.stdout
+    record = json.loads((branch / "run.json").read_text())
+    assert record["starts"] == [
+        {
+            "step": 16,
+            "from": f"{parent}/checkpoints/step_16",
+            "changes": {"training.lr": [0.001, 0.0002]},
+            "branched": True,
+        }
+    ]
     mine, theirs = losses(branch), losses(parent)
     assert mine[17] == theirs[17]  # update 17's loss is computed on W_16 and the same batch
     assert all(mine[s] != theirs[s] for s in (18, 19, 20))  # from W_17 on, the lower lr shows
@@ -187,3 +197,6 @@ def test_a_branch_onto_other_data_continues_at_the_same_position(run, data, tmp_
     stored = load_file(branch / "checkpoints" / "step_16" / "learning_dynamics" / "train.safetensors")
     with TokenStream(str(other), SEQ, 8, 2, vocab_size=VOCAB) as stream:
         assert torch.equal(stored["input_ids"].long(), stream.global_batch(16))
+    versions = json.loads((branch / "data_fingerprint.json").read_text())["versions"]
+    assert [v["step"] for v in versions] == [16]  # its data are recorded from its first update on
+    assert torch.equal(batch_at(branch, 16), stored["input_ids"].long())
