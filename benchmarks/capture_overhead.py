@@ -48,8 +48,9 @@ def captured_update(model, optimizer, rows: torch.Tensor, micro: int) -> tuple[S
 
 
 def eval_split(model, rows: torch.Tensor) -> SplitDynamics:
-    """The eval split: one forward/backward on the eval batch with the current weights."""
-    _, split = captured_step(model, [rows], DEFAULT_LAYERS, input_ids=rows)
+    """The eval split: one forward/backward on the eval batch with the current weights (and, as the
+    recipe records them, its per-token losses)."""
+    _, split = captured_step(model, [rows], DEFAULT_LAYERS, input_ids=rows, losses=True)
     model.zero_grad(set_to_none=True)
     return split
 
@@ -111,6 +112,7 @@ def sizes(preset: str, n_train: int, n_eval: int, seq_len: int, bytes_per: int) 
         "grads/split": params * c.n_layers * bytes_per,
         "weights": params * c.n_layers * bytes_per,
         "input_ids": (n_train + n_eval) * (seq_len + 1) * 4,
+        "eval losses": n_eval * seq_len * 4,  # float32 per token
     }
     return {part: n / 1e6 for part, n in n_bytes.items()}
 
@@ -174,7 +176,8 @@ def main():
 
     print(
         f"\nMB per checkpoint from shapes: train batch {args.train_batch}, eval batch {args.eval_batch}, "
-        f"seq {args.seq_len}, default layers, positions=last; gradients for both splits; input_ids int32"
+        f"seq {args.seq_len}, default layers, positions=last; gradients for both splits; input_ids int32, "
+        "eval losses float32"
     )
     parts = list(sizes("tiny", 1, 1, 1, 4))
     print(

@@ -315,13 +315,8 @@ def load_checkpoint(
     state is complete and was trained with `model`'s config, raising CheckpointError naming the file (and the
     newest earlier complete step) or the differing fields. A collective (rank 0 verifies the files).
     """
-    path, number = Path(path), Path(path).name.removeprefix("step_")
-    try:
-        verify_resume(path)
-        check_train_state(path / STATE)
-    except CheckpointError as e:
-        before = int(number) if number.isdigit() else None
-        raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
+    path = Path(path)
+    check_complete(path)
     check_model_config(path, unwrap(model).config)
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     train = load_train_state(path / STATE, model, optimizer)
@@ -353,6 +348,35 @@ def _keep_config_settings(optimizer: torch.optim.Optimizer, scheduler, settings:
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def check_complete(path: Path) -> None:
+    """Raise CheckpointError when step dir `path`'s files differ from its manifest (`verify_resume`) or its
+    state is incomplete (`check_train_state`), naming the file and the newest earlier complete step. A
+    collective."""
+    number = path.name.removeprefix("step_")
+    try:
+        verify_resume(path)
+        check_train_state(path / STATE)
+    except CheckpointError as e:
+        before = int(number) if number.isdigit() else None
+        raise CheckpointError(f"{e}; {earlier_complete_step(path.parent.parent, before)}") from None
+
+
+def saved_step(path) -> int:
+    """The step N that step dir `path` resumes at, read alone (no tensor), for what must be checked before
+    `load_checkpoint` (the run's data). Not verified here: `load_checkpoint` verifies the whole state. A
+    collective for a state written before train_state.json (read through DCP)."""
+    state = Path(path) / STATE
+    if (state / TRAIN_STATE).is_file() or not (state / ".metadata").is_file():
+        return read_train_state(state)["step"]
+    extra = {"extra": _legacy_extra(read_metadata(state), state)}
+    _ignore_single_process_warning()
+    try:
+        dcp.load(extra, storage_reader=StateReader(state), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException, a BaseException: any rank's failure
+        raise CheckpointError(f"{state}: cannot read the step ({_one_line(_dcp_cause(e)[1])})") from None
+    return int(extra["extra"]["step"])
 
 
 def verify_resume(path: Path) -> None:

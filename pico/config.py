@@ -40,7 +40,7 @@ class DataConfig:
 
     # The keys a resumed run may change (each section says its own; docs/checkpoints.md, "Changing settings
     # on resume"); the data position in the checkpoint counts global samples of these data, batch and order.
-    changeable_on_resume: ClassVar = ("micro_batch_size", "wrap", "prefetch")
+    changeable_on_resume: ClassVar = ("micro_batch_size", "wrap", "prefetch", "allow_changed")
 
     path: str = "pico-lm/pretokenized-dolma"
     seq_len: int = 2048
@@ -49,6 +49,18 @@ class DataConfig:
     shuffle_seed: int | None = None
     wrap: bool = False
     prefetch: int = 2
+    allow_changed: bool = False
+
+
+@dataclass
+class SpikeDetectionConfig:
+    """Loss spikes: a loss above the mean of the last `window` losses by `threshold` standard deviations."""
+
+    changeable_on_resume: ClassVar = ("enabled", "window", "threshold")  # they decide what is saved, no more
+
+    enabled: bool = False
+    window: int = 100
+    threshold: float = 6.0
 
 
 @dataclass
@@ -90,6 +102,7 @@ class TrainingConfig:
     compile: bool = False
     seed: int = 42
     nan_policy: Literal["skip", "stop"] = "stop"
+    spike_detection: SpikeDetectionConfig = field(default_factory=SpikeDetectionConfig)
 
 
 @dataclass
@@ -217,6 +230,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"training.betas: expected two values in [0, 1), got {cfg.training.betas}")
     if not 0 <= cfg.training.min_lr_ratio <= 1:
         raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {cfg.training.min_lr_ratio}")
+    spikes = cfg.training.spike_detection
+    if spikes.window < 2 or spikes.threshold <= 0:
+        raise ConfigError(
+            f"training.spike_detection: window must be ≥ 2 and threshold positive, got "
+            f"window={spikes.window}, threshold={spikes.threshold}"
+        )
     if cfg.training.grad_clip is not None and cfg.training.grad_clip <= 0:
         raise ConfigError(f"training.grad_clip: must be positive or null, got {cfg.training.grad_clip}")
     model = cfg.model_config()

@@ -1,8 +1,9 @@
 """The learning-dynamics files of a checkpoint step: what one split captured, its checks, writing and reading.
 
 Format (docs/checkpoints.md): `learning_dynamics/<split>.safetensors` holds `activations.<module>`,
-`gradients.<module>` and `input_ids` for the train and eval splits; `weights.safetensors` holds
-`weights.<module>`. Metadata records step, split, positions, dtype, world size and the pico version.
+`gradients.<module>` and `input_ids` for the train and eval splits (the eval split also `losses`);
+`weights.safetensors` holds `weights.<module>`. Metadata records step, split, positions, dtype, world size
+and the pico version.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors import safe_open
 import pico
 from pico.distributed import is_main, world_size
 from pico.model.hf import save_safetensors
-from pico.run_dir import SPLITS, RunDirError, dynamics_file, tensor_key
+from pico.run_dir import LOSSES, SPLITS, RunDirError, dynamics_file, tensor_key
 
 POSITIONS = ("last", "all")
 DTYPES = {
@@ -30,11 +31,12 @@ STORED_DTYPES = ("float32", "bfloat16")  # what learning_dynamics.dtype may stor
 @dataclass
 class SplitDynamics:
     """What one split captured on W_N: activations (N, out) or (N·T, out), gradients (out, in),
-    input_ids (N, T+1)."""
+    input_ids (N, T+1), and optionally losses (N, T): the per-token cross-entropy of those rows."""
 
     activations: dict[str, torch.Tensor]
     gradients: dict[str, torch.Tensor]
     input_ids: torch.Tensor
+    losses: torch.Tensor | None = None
 
     def check(self, split: str, positions: str) -> None:
         """Raise a one-line ValueError naming the tensor whose shape does not fit the format."""
@@ -53,6 +55,11 @@ class SplitDynamics:
                     f"and positions={positions!r} it needs {sorted(allowed)} rows"
                 )
         check_matrices("gradients", self.gradients)
+        if self.losses is not None and tuple(self.losses.shape) != (n, length - 1):
+            raise ValueError(
+                f"{split} losses must be (N, T) = {(n, length - 1)} for input_ids {tuple(ids.shape)}, "
+                f"got {tuple(self.losses.shape)}"
+            )
 
 
 def check_matrices(data_type: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -123,6 +130,8 @@ def learning_dynamics_files(
         files[split]["input_ids"] = (
             captured.input_ids.detach().to("cpu", torch.int32).contiguous()
         )  # (N, T+1)
+        if captured.losses is not None:  # float32 whatever `dtype`: small, and compared across steps
+            files[split][LOSSES] = captured.losses.detach().to("cpu", torch.float32).contiguous()  # (N, T)
     if weights:
         files["weights"] = {tensor_key("weights", name): stored(t) for name, t in weights.items()}
 

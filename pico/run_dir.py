@@ -36,6 +36,7 @@ SPLITS = (
     "eval",
 )  # learning-dynamics files of captured passes; weights.safetensors holds the weights
 DATA_TYPES = ("activations", "gradients", "weights")
+LOSSES = "losses"  # the key of a split's per-token cross-entropy (N, T), no module (the eval split's)
 DEFAULT_LAYERS = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 _STEP = re.compile(r"step_(\d+)")
 
@@ -229,6 +230,15 @@ DATA_FINGERPRINT = "data_fingerprint.json"
 def data_fingerprint_file(run_dir) -> Path:
     """`<run_dir>/data_fingerprint.json`: what data the run trained on (written by pico.data.fingerprint)."""
     return Path(run_dir) / DATA_FINGERPRINT
+
+
+SPIKES = "spikes"  # dynamics-only checkpoints of loss spikes, laid out as a run directory (pico.spikes)
+SPIKE = "spike.json"  # in such a step dir: the loss, its statistics and the batch's rows in the data
+
+
+def spikes_dir(run_dir) -> Path:
+    """`<run_dir>/spikes`: a run directory of its own whose `step_<N>/` hold update N+1 of a loss spike."""
+    return Path(run_dir) / SPIKES
 
 
 RECAPTURE = "recapture.json"  # a re-captured run's models and eval batch (pico.analysis.recapture)

@@ -16,25 +16,41 @@ from pico.learning_dynamics import SplitDynamics
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
-def train_step(model: torch.nn.Module, batches: list[torch.Tensor], precision: str = "fp32") -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    precision: str = "fp32",
+    *,
+    token_losses: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Forward/backward over micro-batches of token rows `(micro, T+1)`; returns the global-batch loss.
 
     The loss is the mean token cross-entropy over the global batch (every rank, every micro-batch; all
     hold the same number of tokens), so the synced gradient is that of the global-batch mean. Gradients
     are synchronised across ranks on the last micro-batch only. A collective under torch.distributed.
+    With a list `token_losses`, each micro-batch's per-token cross-entropy (mb, T) float32 is appended to
+    it, and the micro-batch's loss is their mean (the same forward, unreduced: no extra pass).
     """
     total = torch.zeros((), device=batches[0].device)
     for i, rows in enumerate(batches):
         inputs, labels = split_rows(rows)  # (mb, T) each
         with gradient_sync(model, i == len(batches) - 1), autocast(precision, inputs.device, model):
-            loss = token_loss(model, inputs, labels) / len(batches)
+            if token_losses is None:
+                loss = token_loss(model, inputs, labels) / len(batches)
+            else:
+                losses = token_loss(model, inputs, labels, reduction="none").view_as(labels)  # (mb, T)
+                token_losses.append(losses.detach().float())
+                loss = losses.mean() / len(batches)
         loss.backward()
         total += loss.detach()
     return all_reduce_mean(total)
 
 
-def token_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a PicoDecoder (plain, DDP or FSDP2) on `inputs` (mb, T) vs `labels`.
+def token_loss(
+    model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a PicoDecoder (plain, DDP or FSDP2) on `inputs` (mb, T) vs `labels`
+    (`reduction="none"`: per token, (mb·T,)).
 
     The output layer and the loss run fused and chunked over tokens (`chunked_cross_entropy`), so the
     (mb·T, V) logits never exist whole, unless a hook on the output layer (a capture of it) needs them.
@@ -44,10 +60,10 @@ def token_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     head = unwrap(model).de_embedding_proj
     if head._forward_hooks or head._forward_pre_hooks:
         logits = model(inputs)  # (mb, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
     with hidden_states(model):
         hidden = model(inputs)  # (mb, T, C)
-    return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten())
+    return chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten(), reduction)
 
 
 @contextlib.contextmanager
@@ -65,13 +81,16 @@ def hidden_states(model: torch.nn.Module):
         del module.forward
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`F.cross_entropy(hidden @ weight.T, labels)` for hidden (N, C), weight (V, C), labels (N,), computed
-    over chunks of LOSS_CHUNK_ELEMENTS logits by torch's fused `F.linear_cross_entropy`.
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, labels, reduction=reduction)` for hidden (N, C), weight (V, C),
+    labels (N,), computed over chunks of LOSS_CHUNK_ELEMENTS logits by torch's fused `F.linear_cross_entropy`.
 
-    Neither the (N, V) logits nor their gradient is materialised: each chunk's gradients are computed in
-    the forward and applied in the backward. Under autocast the matmuls run in its dtype and the softmax
-    accumulates in fp32, as the plain `logits.float()` path does.
+    Neither the (N, V) logits nor their gradient is materialised: with a reduction each chunk's gradients are
+    computed in the forward and applied in the backward; with `reduction="none"` ((N,) losses) the backward
+    recomputes them chunk by chunk. Under autocast the matmuls run in its dtype and the softmax accumulates
+    in fp32, as the plain `logits.float()` path does.
     """
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -81,7 +100,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         acc_policy="accurate",
         acc_dtype=torch.float32,
     )
-    return F.linear_cross_entropy(hidden, weight, labels, options=options)
+    return F.linear_cross_entropy(hidden, weight, labels, reduction=reduction, options=options)
 
 
 def captured_step(
@@ -92,16 +111,43 @@ def captured_step(
     positions: str = "last",
     precision: str = "fp32",
     input_ids: torch.Tensor | None = None,
+    losses: bool = False,
 ):
     """`train_step` under capture: (loss, SplitDynamics of this forward/backward). A collective.
 
-    `input_ids` (N, T+1) recorded with it default to the global batch gathered from every rank.
+    `input_ids` (N, T+1) recorded with it default to the global batch gathered from every rank. With
+    `losses`, it also records the per-token cross-entropy (N, T) of those rows, from the same forward.
     """
     ids = gather_rows(torch.cat(batches)).cpu() if input_ids is None else input_ids  # (B, T+1)
+    per_token = [] if losses else None
     with capture(model, layers, positions) as cap:
-        loss = train_step(model, batches, precision)
+        loss = train_step(model, batches, precision, token_losses=per_token)
         gradients = cap.gradients()  # before anything clips or zeroes them
-    return loss, SplitDynamics(cap.activations(), gradients, ids)
+    token_losses = gather_rows(torch.cat(per_token)).cpu() if losses else None  # (N, T)
+    return loss, SplitDynamics(cap.activations(), gradients, ids, token_losses)
+
+
+def recaptured_step(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    layers,
+    *,
+    positions: str = "last",
+    precision: str = "fp32",
+) -> SplitDynamics:
+    """The train split of an update whose forward/backward has run already, for when capturing it is decided
+    only after its loss was seen (a loss spike): `captured_step` again on the same micro-batches with the
+    same weights, while the update's own gradients are set aside and then put back, so that the update is
+    as without it. Random draws (dropout) are the caller's: it forks the RNG around the call (pico.spikes
+    does, from the update's own state). A collective; at its peak it holds two sets of gradients."""
+    params = list(model.parameters())
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    _, dynamics = captured_step(model, batches, layers, positions=positions, precision=precision)
+    for p, grad in zip(params, kept):
+        p.grad = grad
+    return dynamics
 
 
 def apply_update(

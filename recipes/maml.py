@@ -34,9 +34,10 @@ from maml_modules import MamlDecoder, MamlRunConfig, maml_scalars, maml_step, ma
 from tokenizers import Tokenizer
 
 from pico.capture import capture_weights, check_capture, prepare_compile
-from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, train_state
+from pico.checkpoint import CheckpointStep, CheckpointWriter, load_checkpoint, saved_step, train_state
 from pico.config import load_config
 from pico.data import TokenStream, find_tokenizer, read_batch
+from pico.data.fingerprint import bind_data
 from pico.distributed import cleanup, init_distributed, parallelize, resolve_strategy
 from pico.errors import exit_on
 from pico.evaluation import evaluate_tasks, load_tasks
@@ -45,6 +46,7 @@ from pico.logging import TrainLogger, peak_flops
 from pico.model.hf import export_problem
 from pico.run_dir import checkpoints_dir
 from pico.run_lock import open_run_dir, start_run
+from pico.spikes import SpikeDetector, save_spike
 from pico.training import apply_update
 
 RECIPE = os.path.basename(__file__)  # run.json records it: another recipe may not resume this run
@@ -100,7 +102,9 @@ def measure(step, model, tasks, eval_batch, *, cfg, dist, log):
     if eval_batch is not None:  # its gradients are kept apart from the training ones
         model.zero_grad(set_to_none=True)
         rows = [eval_batch.tensor_split(dist.world_size)[dist.rank].to(dist.device)]  # this rank's share
-        _, _, ckpt.dynamics["eval"] = maml_step(model, rows, [None], t.precision, ld.layers, ld.positions)
+        _, _, ckpt.dynamics["eval"] = maml_step(
+            model, rows, [None], t.precision, ld.layers, ld.positions, losses=True
+        )
     return ckpt, time.perf_counter() - start
 
 
@@ -155,7 +159,13 @@ def main(argv=None):
     # Hub repo or no permission fails here too, before step 0.
     resume, uploader = resume_source(ck.resume, ck.hub, run_dir), start_uploader(run_dir, ck.hub)
     resume_from = open_run_dir(run_dir, cfg, dist.device, resume, recipe=RECIPE)
-    first_step = load_checkpoint(resume_from, model, optimizer, scheduler, stream) if resume_from else 0
+    first_step = saved_step(resume_from) if resume_from else 0
+    # The run is bound to its data: a new run records it, a resumed one must find it unchanged (docs/data.md).
+    data_changes = bind_data(
+        run_dir, stream, eval_batch, eval_data=ld.eval_data, resume_from=resume_from, step=first_step
+    )
+    if resume_from:
+        load_checkpoint(resume_from, model, optimizer, scheduler, stream)
     start_run(run_dir, cfg, step=first_step, resumed_from=resume_from, recipe=RECIPE)  # run.json, config.yaml
     log = TrainLogger(run_dir, t.max_steps)
     strategy = resolve_strategy(t.strategy, dist.world_size, dist.device)
@@ -164,9 +174,13 @@ def main(argv=None):
     log.print(
         f"pico | {n_params / 1e6:.2f}M params | {strategy} x{dist.world_size} | accum {accum} | {origin}"
     )
+    if data_changes:
+        log.print(f"data.allow_changed: from step {first_step} on the data differ: {data_changes}")
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
+    sd = t.spike_detection
+    spikes = SpikeDetector(sd.window, sd.threshold) if sd.enabled else None
     writer = CheckpointWriter(
         run_dir,
         tokenizer=tokenizer,
@@ -211,6 +225,13 @@ def main(argv=None):
             t0 += t_save  # tokens/s counts training time only
         if last:
             break
+        spike = spikes.observe(loss.item()) if spikes else None
+        if spike is not None:  # keep its batch and the update's learning dynamics (docs/learning_dynamics.md)
+            path = save_spike(
+                run_dir, step, spike, model, batches, stream, rng=state["rng"], ld=ld, precision=t.precision
+            )
+            log.scalars(step + 1, {"train/spike": spike.z})
+            log.print(f"step {step + 1}: loss spike {spike}: its batch and learning dynamics in {path}")
 
         grad_norm, applied = apply_update(model, optimizer, loss, t.grad_clip)
         if not applied:  # the update is dropped; the step (and its batch) still counts

@@ -255,20 +255,27 @@ class MamlDecoder(PicoDecoder):
         return loss, torch.stack([*adapted, *query]).detach()
 
 
-def maml_step(model, batches, episodes, precision: str = "fp32", layers=None, positions: str = "last"):
+def maml_step(
+    model, batches, episodes, precision: str = "fp32", layers=None, positions: str = "last", losses=False
+):
     """pico.training.train_step with meta micro-batches: (global-batch loss, summed STATS, SplitDynamics of
     this forward/backward when `layers` are captured, else None). A collective under torch.distributed.
 
     Each micro-batch's loss (mean token cross-entropy, or mean query cross-entropy) is divided by the number
     of micro-batches and backpropagated; the step's loss is their mean over ranks and micro-batches. The
     support states come first, from no-grad forwards outside capture, which records the forwards that train.
+    With `losses` (next-token micro-batches only: the eval split), the dynamics also hold the per-token
+    cross-entropy (N, T), and each micro-batch's loss is its mean.
     """
+    if losses and any(e is not None for e in episodes):
+        raise ValueError("maml_step: per-token losses are those of next-token micro-batches, not of episodes")
     n = len(batches)
     with torch.no_grad():
         support = [
             None if e is None else _forward(model, e.support_inputs, precision, episode=e) for e in episodes
         ]
     ids = gather_rows(torch.cat(batches)).cpu() if layers else None  # (B, T+1)
+    per_token = []
     with capture(model, layers, positions) if layers else contextlib.nullcontext() as cap:
         device = batches[0].device
         total, stats = torch.zeros((), device=device), torch.zeros(len(STATS), device=device)
@@ -277,7 +284,11 @@ def maml_step(model, batches, episodes, precision: str = "fp32", layers=None, po
                 if e is None:
                     inputs, labels = split_rows(rows)  # (mb, T) each
                     logits = _forward(model, inputs, precision)  # (mb, T, V)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+                    reduce = "none" if losses else "mean"
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduce)
+                    if losses:  # per token (mb·T,): kept, and the micro-batch trains on their mean
+                        per_token.append(loss.detach().view_as(labels))  # (mb, T)
+                        loss = loss.mean()
                     stats[1] += 1
                 else:
                     loss, s = _forward(model, e.query_inputs, precision, episode=e, support=support[i])
@@ -286,7 +297,8 @@ def maml_step(model, batches, episodes, precision: str = "fp32", layers=None, po
                 (loss / n).backward()
             total += loss.detach() / n
         gradients = cap.gradients() if layers else None  # before anything clips or zeroes them
-    dynamics = SplitDynamics(cap.activations(), gradients, ids) if layers else None
+    token_losses = gather_rows(torch.cat(per_token)).cpu() if losses else None  # (N, T)
+    dynamics = SplitDynamics(cap.activations(), gradients, ids, token_losses) if layers else None
     return all_reduce_mean(total), all_reduce_sum(stats), dynamics
 
 

@@ -72,6 +72,10 @@ def test_round_trip_through_yaml(tmp_path):
         (["training.lr"], "training.lr: overrides look like section.key=value"),
         (["lr=1"], "lr=1: overrides look like section.key=value"),
         (["learning_dynamics.layers=[]"], "learning_dynamics.layers: empty"),
+        (["training.spike_detection.window=1"], "training.spike_detection: window must be ≥ 2"),
+        (["training.spike_detection.threshold=0"], "training.spike_detection: window must be ≥ 2"),
+        (["training.spike_detection.windows=9"], "training.spike_detection.windows: unknown key"),
+        (["data.allow_changed=3"], "data.allow_changed: expected bool"),
     ],
 )
 def test_errors_name_the_key(overrides, key):

@@ -33,3 +33,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert not list(temp.rglob("*.parquet"))  # the notebook removed the tokens once the run was trained
     tables = [out["data"]["text/plain"] for out in outputs if "text/plain" in out.get("data", {})]
     assert "perplexity" in tables[0] and "per" in tables[-1] and "norm_spectral" in tables[-1]
+    assert any("next token" in table and "loss at 20" in table for table in tables)  # easier / harder tokens
+    text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert "of the eval tokens got easier" in text
+    assert "step_15's train split stored the same rows: True" in text  # batch_at, decoded above it

@@ -94,6 +94,30 @@ def test_captured_gradients_are_those_the_optimizer_receives():
     assert_rel_close(params["de_embedding_proj.weight"].grad, want["de_embedding_proj.weight"])
 
 
+def float64_token_losses(batch: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (N, T) of the full logits over `batch`, computed in float64."""
+    reference = model().double()
+    logits = reference(batch[:, :-1])  # (N, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(
+        len(batch), -1
+    )
+
+
+def test_per_token_losses_are_the_cross_entropy_of_each_token_and_the_loss_their_mean():
+    want = float64_token_losses(rows())  # (8, T)
+    _, want_grads = plain_grads(rows())
+    for captured in (["attention.v_proj"], ["attention.v_proj", "de_embedding_proj"]):  # fused, plain
+        trained = model()
+        loss, dynamics = captured_step(trained, list(rows().split(4)), captured, losses=True)
+        assert dynamics.losses.dtype == torch.float32 and dynamics.losses.shape == (8, SEQ)
+        torch.testing.assert_close(dynamics.losses.double(), want, rtol=0, atol=1e-5)
+        assert_rel_close(loss, dynamics.losses.mean(), "loss")
+        for name, p in trained.named_parameters():
+            assert_rel_close(p.grad, want_grads[name], name)  # the same batch-mean gradient
+    _, without = captured_step(model(), list(rows().split(4)), captured)
+    assert without.losses is None
+
+
 def test_output_layer_hooks_see_the_logits_and_forward_is_unchanged():
     trained = model()
     with capture(trained, ["de_embedding_proj"]) as cap:
@@ -114,6 +138,10 @@ def _two_ranks_equal_one_process(strategy: str):
     for name, p in trained.named_parameters():
         name = name.removeprefix("module.")
         assert_rel_close(full_tensor(p.grad), want[name], name)
+    trained.zero_grad(set_to_none=True)
+    rows_of_rank = list(rows()[4 * rank : 4 * rank + 4].split(2))
+    _, dynamics = captured_step(trained, rows_of_rank, ["attention.v_proj"], losses=True)
+    torch.testing.assert_close(dynamics.losses.double(), float64_token_losses(rows()), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -15,7 +15,7 @@ from pico.errors import AnalysisError
 from pico.learning_dynamics import open_dynamics
 from pico.manifest import verify_files
 from pico.metrics import SingularValues, singular_values
-from pico.run_dir import dynamics_file, model_config_file, parse_key, step_dir, tensor_key
+from pico.run_dir import LOSSES, dynamics_file, model_config_file, parse_key, step_dir, tensor_key
 
 BATCH_MEAN = "batch mean"  # what gradients are unless a file's `gradients` metadata says otherwise
 
@@ -80,6 +80,16 @@ class Checkpoint:
             return handle.get_tensor(key)
         except Exception as e:  # safetensors' own errors do not name the file
             raise AnalysisError(f"{dynamics_file(self.dir, file)}: cannot read {key!r} ({e})") from None
+
+    def losses(self, split: str) -> torch.Tensor:
+        """The split's per-token cross-entropy (N, T) on the compute device and dtype; an AnalysisError when
+        its file has none (a train split, or a step written before pico stored them)."""
+        if (split, LOSSES) not in self._tensors:
+            handle = self._file(split)
+            if LOSSES not in handle.keys():
+                raise AnalysisError(f"{dynamics_file(self.dir, split)}: no per-token {LOSSES!r}")
+            self._tensors[split, LOSSES] = self._read(handle, split, LOSSES).to(self.dtype)
+        return self._tensors[split, LOSSES]
 
     def input_ids(self, split: str) -> torch.Tensor | None:
         """The split's input_ids, or None when the file has none."""

@@ -233,20 +233,23 @@ def select_modules(model: nn.Module, layers) -> dict[str, str]:
     return chosen
 
 
-def _forward_backward(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Backward of the batch-mean next-token loss on `rows` (N, T+1); returns the loss."""
-    if isinstance(model, PicoDecoder):
-        return train_step(model, [rows])  # the computation of a pico run's own eval split
+def _forward_backward(model: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the batch-mean next-token loss on `rows` (N, T+1); returns the loss and the per-token
+    losses (N, T) it is the mean of."""
+    if isinstance(model, PicoDecoder):  # the computation of a pico run's own eval split
+        per_token = []
+        return train_step(model, [rows], token_losses=per_token), per_token[0]
     inputs, labels = split_rows(rows)  # (N, T) each
     head = model.lm_head
     if head._forward_hooks:  # a capture of the output layer needs its output: the logits
         logits = model(input_ids=inputs, use_cache=False).logits  # (N, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
     else:  # pico's fused, chunked output layer + loss: the (N·T, V) logits never exist whole
         hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state  # (N, T, C)
-        loss = chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten())
+        losses = chunked_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten(), "none")
+    loss = losses.mean()
     loss.backward()
-    return loss.detach()
+    return loss.detach(), losses.detach().float().view_as(labels)
 
 
 @contextmanager
@@ -270,14 +273,14 @@ def capture_eval(model: nn.Module, rows: torch.Tensor, layers) -> tuple[float, S
     names = select_modules(model, layers)
     model.zero_grad(set_to_none=True)
     with _grads_of(model, list(names)), capture(model, list(names), positions="last") as cap:
-        loss = _forward_backward(model, rows)
+        loss, losses = _forward_backward(model, rows)
         gradients = cap.gradients()  # {own name: (out, in)}
     model.zero_grad(set_to_none=True)
 
     def renamed(tensors: dict) -> dict:
         return {names[own]: t for own, t in tensors.items()}
 
-    dynamics = SplitDynamics(renamed(cap.activations()), renamed(gradients), rows.cpu())
+    dynamics = SplitDynamics(renamed(cap.activations()), renamed(gradients), rows.cpu(), losses.cpu())
     return loss.item(), dynamics, renamed(capture_weights(model, list(names)))
 
 

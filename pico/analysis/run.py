@@ -3,6 +3,7 @@
     run = open_run("runs/demo")
     run.steps                                                               # [0, 50, ..., 300]
     run.tensor("gradients", "layers.3.attention.v_proj", step=200, split="eval")
+    run.tensor("losses", step=200, split="eval")                           # per-token cross-entropy (N, T)
     run.component("ov_circuit", layer=1, data_type="weights", step=200)     # (n_heads, D, D)
     run.evals()                                                             # list[EvalRow]; .to_frame()
 
@@ -19,7 +20,7 @@ from pico.analysis.evals import eval_rows
 from pico.analysis.table import Rows
 from pico.components import COMPONENTS
 from pico.errors import AnalysisError
-from pico.run_dir import DATA_TYPES, SPLITS, list_steps, run_name
+from pico.run_dir import DATA_TYPES, LOSSES, SPLITS, list_steps, run_name
 
 
 class Run:
@@ -44,8 +45,8 @@ class Run:
         return self._checkpoint
 
     def _split(self, data_type: str, split: str | None) -> str | None:
-        if data_type not in DATA_TYPES:
-            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {list(DATA_TYPES)}")
+        if data_type not in (*DATA_TYPES, LOSSES):
+            raise AnalysisError(f"data_type: unknown {data_type!r}; choose from {[*DATA_TYPES, LOSSES]}")
         if data_type == "weights":
             return None
         if split not in SPLITS:
@@ -57,10 +58,21 @@ class Run:
         split = self._split(data_type, split)
         return self.checkpoint(self.steps[0] if step is None else step).modules(data_type, split)
 
-    def tensor(self, data_type: str, module: str, step: int, split: str | None = None) -> torch.Tensor:
+    def tensor(
+        self, data_type: str, module: str | None = None, step: int | None = None, split: str | None = None
+    ) -> torch.Tensor:
         """The captured `data_type` tensor of `module` (e.g. `layers.3.attention.v_proj`) at `step`;
-        activations and gradients come from `split` (train or eval), weights from no split."""
+        activations and gradients come from `split` (train or eval), weights from no split. `losses`, the
+        split's per-token cross-entropy (N, T), has no module: `tensor("losses", step=200, split="eval")`."""
+        if step is None:
+            raise AnalysisError(f"tensor({data_type!r}): needs step= (one of {self.steps})")
+        if data_type == LOSSES:
+            return self.checkpoint(step).losses(self._split(LOSSES, split))
         split = self._split(data_type, split)
+        if module is None:
+            raise AnalysisError(
+                f"tensor({data_type!r}): needs a module, e.g. {self.modules(data_type, split)[:1]}"
+            )
         return self.checkpoint(step).load(data_type, module, split)
 
     def component(

@@ -18,7 +18,7 @@ from pico.components import COMPONENTS
 from pico.hub import api
 from pico.hub.api import Commit, Hub, HubError, check_repo_id, ref_name, steps_on_branch
 from pico.model.hf import CONFIG_FILE
-from pico.run_dir import DYNAMICS, MANIFEST, model_config_file, step_dir
+from pico.run_dir import CONFIG, DATA_FINGERPRINT, DYNAMICS, MANIFEST, model_config_file, step_dir
 
 PICO_TRAIN_TITLE = re.compile(r"Saving Learning Dynamics Data \((train|val)\) -- Step (\d+)")
 HUB_ROOT = "runs/hub"  # where Hub runs are laid out, relative to the working directory
@@ -93,12 +93,17 @@ def fetch_run(repo_id: str, revision: str, *, needs_config: bool, steps=None, ro
 def _fetch_pico(
     hub: Hub, repo_id: str, commits: dict[int, str], wanted, run: Path, needs_config: bool
 ) -> int:
-    """Link each wanted `step <N>` commit's learning_dynamics/, manifest.json (and config.json) into `run`;
-    how many had learning dynamics."""
+    """Link each wanted `step <N>` commit's learning_dynamics/, manifest.json (and config.json) into `run`,
+    and the last one's config.yaml and data_fingerprint.json at its root (what pico.data.batch_at reads); how
+    many steps had learning dynamics."""
     config = [CONFIG_FILE] if needs_config else []
     found = 0
     for step in wanted:
-        folder = hub.download(repo_id, commits[step], [f"{DYNAMICS}/*", MANIFEST] + config)
+        run_files = [CONFIG, DATA_FINGERPRINT] if step == wanted[-1] else []
+        folder = hub.download(repo_id, commits[step], [f"{DYNAMICS}/*", MANIFEST] + config + run_files)
+        for name in run_files:
+            if (folder / name).is_file():
+                _link(folder / name, run / name)
         if not (folder / DYNAMICS).is_dir():
             continue
         found += 1

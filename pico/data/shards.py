@@ -66,13 +66,16 @@ def list_shards(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     return fs, sorted(files)
 
 
+def default_root() -> Path:
+    """pico's cache: `$PICO_CACHE`, else `~/.cache/pico` (where pico.data.demo builds the demo corpus)."""
+    return Path(os.path.expanduser(os.environ.get("PICO_CACHE") or "~/.cache/pico"))
+
+
 def demo_hint(path: str) -> str:
     """For a missing `<root>/demo/{train,eval}` (where pico.data.demo writes): how to build it there."""
     path = Path(path)
     if path.parent.name != "demo" or path.name not in ("train", "eval"):
         return ""
-    from pico.data.demo import default_root  # here: pico.data.demo imports this module
-
     root = path.parent.parent
     flag = "" if root == default_root() else f" --root {root}"
     return f"; build the demo corpus there with `python -m pico.data.demo{flag}`"

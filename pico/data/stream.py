@@ -75,7 +75,8 @@ class TokenStream:
     read ahead on a thread. `split_rows` turns a micro-batch into (inputs, labels).
 
     Global batch s is samples [s·B, (s+1)·B) of the fixed order; rank r owns [s·B + r·B/W, s·B + (r+1)·B/W),
-    cut into B/(micro_batch_size·W) consecutive micro-batches.
+    cut into B/(micro_batch_size·W) consecutive micro-batches. `allow_changed`: a saved position restores on
+    data of another size (`load_state_dict`).
     """
 
     def __init__(
@@ -91,6 +92,8 @@ class TokenStream:
         wrap: bool = False,
         prefetch: int = 2,
         device: str | torch.device = "cpu",
+        *,
+        allow_changed: bool = False,
     ):
         if min(seq_len, batch_size, micro_batch_size, world_size) < 1 or not 0 <= rank < world_size:
             raise ConfigError(
@@ -116,6 +119,7 @@ class TokenStream:
             torch.device(device),
         )
         self.accumulation_steps = batch_size // (micro_batch_size * world_size)
+        self.allow_changed = allow_changed
         self.index = build_index(self.path)
         self.num_samples = self.index.num_samples
         self._order = SampleOrder(self.index, shuffle_seed)
@@ -141,6 +145,7 @@ class TokenStream:
             data.wrap,
             data.prefetch,
             device,
+            allow_changed=data.allow_changed,
         )
 
     @property
@@ -174,6 +179,16 @@ class TokenStream:
         self._stop_thread()
         return read_samples(self._order, self._reader, s * self.batch_size, (s + 1) * self.batch_size)
 
+    def batch_rows(self, s: int) -> list[tuple[int, int]]:
+        """(file number in `index.files`, row of the file) of each sequence of global batch `s`, in batch
+        order: where its rows come from, without reading them."""
+        self._require(s)
+        rows = []
+        for g in range(s * self.batch_size, (s + 1) * self.batch_size):
+            group, row = self._order.locate(*divmod(g, self.num_samples))
+            rows.append((int(self.index.rg_file[group]), int(self.index.rg_file_row[group]) + row))
+        return rows
+
     def batches_holding(self, group: int, row: int, steps: int) -> list[tuple[int, int]]:
         """(s, j) for every global batch s < `steps` whose row j is row `row` of row group `group`: one
         per epoch that reaches it (only the first epoch without wrap)."""
@@ -203,11 +218,12 @@ class TokenStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the saved position; any world size / micro-batch size if saved at a
-        global-batch end."""
-        if state["num_samples"] != self.num_samples:
+        global-batch end. The position is a count of global samples: on data of another size
+        (`allow_changed`) the next batch is the same-numbered batch of the new data's order."""
+        if state["num_samples"] != self.num_samples and not self.allow_changed:
             raise DataError(
                 f"{self.path}: data state was saved on {state['num_samples']} samples, the data now has "
-                f"{self.num_samples}"
+                f"{self.num_samples} (data.allow_changed=true continues on it)"
             )
         if state["shuffle_seed"] != self.shuffle_seed:
             raise ConfigError(

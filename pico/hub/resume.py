@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pico.hub import api
 from pico.hub.api import HubError, default_branch, parse_hf_uri, steps_on_branch
-from pico.run_dir import CONFIG, MANIFEST, RUN_RECORD, STATE
+from pico.run_dir import CONFIG, DATA_FINGERPRINT, MANIFEST, RUN_RECORD, STATE
 
 
 def _require(folder: Path, pattern: str, where: str, what: str) -> None:
@@ -32,7 +32,7 @@ def resume_source(resume: str, hub_config, run_dir) -> str:
     else:
         return resume
     # config.yaml: to check the model; manifest.json: to verify state/ (pico.checkpoint.load_checkpoint);
-    # run.json: the recipe that ran it (docs/hub.md)
-    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG, MANIFEST, RUN_RECORD])
+    # run.json: the recipe that ran it (docs/hub.md); data_fingerprint.json: to check the data (bind_data)
+    folder = hub.download(repo_id, revision, [f"{STATE}/*", CONFIG, MANIFEST, RUN_RECORD, DATA_FINGERPRINT])
     _require(folder, f"{STATE}/*", f"{repo_id}@{revision}", "no state/ (uploaded with upload_state: false?)")
     return str(folder)

@@ -20,6 +20,7 @@ from pico.hub.api import Hub, HubError, HubUnavailable, default_branch, step_tag
 from pico.manifest import verified_files
 from pico.run_dir import (
     CONFIG,
+    DATA_FINGERPRINT,
     DYNAMICS,
     EVAL,
     HUB_JOURNAL,
@@ -76,8 +77,9 @@ def published_steps(run_dir) -> list[int]:
 
 def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
     """What the commit of step N holds: path in repo → local file (model/ files at the repo root, the run's
-    config.yaml and run.json beside them). Only a complete step whose files match its manifest is uploaded
-    (`pico.manifest.verified_files`); otherwise a CheckpointError names the file at fault."""
+    config.yaml, run.json and data_fingerprint.json beside them). Only a complete step whose files match its
+    manifest is uploaded (`pico.manifest.verified_files`); otherwise a CheckpointError names the file at
+    fault."""
     files = {}
     for name, local in verified_files(step_dir(run_dir, step)).items():
         part = name.split("/")[0]
@@ -85,7 +87,7 @@ def step_files(run_dir, step: int, upload_state: bool) -> dict[str, Path]:
             files[name.removeprefix(f"{MODEL}/")] = local
         elif part in (DYNAMICS, EVAL, MANIFEST) or (part == STATE and upload_state):
             files[name] = local
-    for name in (CONFIG, RUN_RECORD):  # the run's config and recipe record, beside the step's files
+    for name in (CONFIG, RUN_RECORD, DATA_FINGERPRINT):  # the run's config, recipe and data records
         if (Path(run_dir) / name).is_file():
             files[name] = Path(run_dir) / name
     return files

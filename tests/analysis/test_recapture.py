@@ -156,7 +156,8 @@ def test_transformers_equals_pico_bit_for_bit_with_unpadded_heads(data, tmp_path
     )
     run = open_run(out)
     rows = run.checkpoint(0).input_ids("eval").long()
-    _, own = captured_step(model, [rows], DEFAULT_LAYERS, input_ids=rows)
+    _, own = captured_step(model, [rows], DEFAULT_LAYERS, input_ids=rows, losses=True)
+    assert torch.equal(run.tensor("losses", step=0, split="eval"), own.losses)
     weights = capture_weights(model, DEFAULT_LAYERS)
     assert sorted(own.gradients) == sorted(run.modules("gradients", "eval"))
     for module in own.gradients:

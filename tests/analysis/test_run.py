@@ -254,3 +254,17 @@ def test_cli_plots_task_metrics_next_to_dynamics(run, tmp_path):
     assert sorted(p.name for p in plots.glob("*.png")) == names
     assert sorted(p.name for p in (plots / "runs").glob("*.png")) == names
     assert f"{plots / 'runs'}/ (2 plots)" in result.stdout
+
+
+def test_losses_are_read_without_a_module_and_missing_ones_are_named(run):
+    r = open_run(run)  # written without per-token losses, as a train split or an older checkpoint is
+    with pytest.raises(
+        AnalysisError, match=r"step_10/learning_dynamics/eval.safetensors: no per-token 'losses'"
+    ):
+        r.tensor("losses", step=10, split="eval")
+    with pytest.raises(AnalysisError, match=r"losses need split= one of \['train', 'eval'\], got None"):
+        r.tensor("losses", step=10)
+    with pytest.raises(AnalysisError, match=r"tensor\('gradients'\): needs a module, e\.g\. \['layers\.0"):
+        r.tensor("gradients", step=10, split="eval")
+    with pytest.raises(AnalysisError, match=r"tensor\('losses'\): needs step= \(one of \[0, 10, 20\]\)"):
+        r.tensor("losses", split="eval")

@@ -128,6 +128,30 @@ def test_mid_batch_state_needs_same_split(shards):
         TokenStream(make_shards(shards.parent / "small", (64,)), SEQ, 16, 2).load_state_dict(state)
 
 
+def test_allow_changed_keeps_the_sample_position(shards):
+    stream = TokenStream(shards, SEQ, 16, 8, prefetch=0)
+    for _ in range(3 * stream.accumulation_steps):
+        next(stream)
+    state = stream.state_dict()  # 48 samples of 120
+    make_shards(shards.parent / "more", (40, 24, 56, 16))  # part-3 added after the others
+    with pytest.raises(DataError, match=r"saved on 120 samples, the data now has 136 \(data.allow_changed"):
+        TokenStream(shards.parent / "more", SEQ, 16, 8).load_state_dict(state)
+    grown = TokenStream(shards.parent / "more", SEQ, 16, 8, prefetch=0, allow_changed=True)
+    grown.load_state_dict(state)
+    assert row_ids(next(grown)[:, :-1]) == list(range(48, 56))  # batch 3 of the new order: file order goes on
+    assert row_ids(grown.global_batch(7)) == list(range(112, 128))  # rows 120.. are part-3's
+    stream.close(), grown.close()
+
+
+def test_batch_rows_name_where_each_sequence_comes_from(shards):
+    stream = TokenStream(shards, SEQ, 16, 8, shuffle_seed=4, wrap=True, prefetch=0)
+    starts = [0, 40, 64]  # global row of each file's first row (40, 24 and 56 rows)
+    for s in (0, 6, 9):  # 9 is in the second epoch
+        rows = [starts[file] + row for file, row in stream.batch_rows(s)]
+        assert rows == row_ids(stream.global_batch(s))
+    stream.close()
+
+
 def test_load_reads_no_consumed_data(shards):
     stream = TokenStream(shards, SEQ, 16, 8, 0, 1, prefetch=0)
     stream.load_state_dict({**stream.state_dict(), "samples": 96})

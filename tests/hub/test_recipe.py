@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import pico.hub.api
 import pico.hub.cli
+from pico.analysis.sources import fetch_run
+from pico.data import batch_at
 from pico.hub import read_journal
-from pico.run_dir import step_dir
+from pico.run_dir import DATA_FINGERPRINT, step_dir
 from tests.hub.standin import LocalHub
 from tests.recipes.common import ROOT
 from tests.tiny import tiny_run, write_shards
@@ -47,7 +50,7 @@ def step_titles(hub, branch):
     return [c.title for c in hub.list_commits(REPO, branch) if c.title.startswith("step ")][::-1]
 
 
-def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_path):
+def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_path, monkeypatch):
     a = tmp_path / "run-a"
     out = train(standin, data, a, 4, f"checkpointing.hub.repo_id={REPO}").stdout  # a nested override
     assert "hub: every step is on me/pico-runs@run-a" in out
@@ -55,7 +58,9 @@ def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_
     tags = standin.repo(REPO)["tags"]
     assert set(tags) == {"run-a/step_0", "run-a/step_2", "run-a/step_4"}
     files = standin.list_files(REPO, "run-a/step_2")
-    assert {"config.json", "model.safetensors", "config.yaml", "state/.metadata"} <= set(files)
+    assert {"config.json", "model.safetensors", "config.yaml", DATA_FINGERPRINT, "state/.metadata"} <= set(
+        files
+    )
     assert "learning_dynamics/weights.safetensors" in files
     assert read_journal(a, f"{REPO}@run-a").keys() == {0, 2, 4}
 
@@ -71,16 +76,26 @@ def test_upload_then_resume_from_the_hub_equals_local_resume(standin, data, tmp_
     assert weights_b.keys() == weights_c.keys()
     assert all(weights_b[k].equal(weights_c[k]) for k in weights_b)
     assert step_titles(standin, "run-a") == ["step 0", "step 2", "step 4", "step 6"]
-    # the state, config.yaml and run.json to check against, and manifest.json to verify the state
+    # the state, config.yaml, run.json and the data's fingerprint to check against, manifest.json to verify
     (download,) = standin.calls("downloaded")
     assert {f for f in download["files"] if not f.startswith("state/")} == {
         "config.yaml",
         "manifest.json",
         "run.json",
+        DATA_FINGERPRINT,
     }
     starts = json.loads((b / "run.json").read_text())["starts"]  # run-a's start, then run-b's from the Hub
     assert [(s["step"], s["from"] is None) for s in starts] == [(0, True), (4, False)]
     assert starts[1]["changes"] == {"training.max_steps": [4, 6], "checkpointing.hub.branch": [None, "run-a"]}
+    assert (b / DATA_FINGERPRINT).read_text() == (a / DATA_FINGERPRINT).read_text()  # b's record is a's
+
+    # The run fetched for analysis replays its batches: config.yaml and the fingerprint at its root.
+    monkeypatch.setattr(pico.hub.api, "connect", lambda: standin)
+    fetched = fetch_run(REPO, "run-a", needs_config=False, root=tmp_path / "hub")
+    assert {DATA_FINGERPRINT, "config.yaml"} <= {p.name for p in fetched.iterdir()}
+    for step in (0, 2, 4, 6):
+        stored = load_file(step_dir(fetched, step) / "learning_dynamics" / "train.safetensors")["input_ids"]
+        assert torch.equal(batch_at(fetched, step), stored), step
 
 
 def test_network_down_for_the_whole_run(standin, data, tmp_path, monkeypatch):

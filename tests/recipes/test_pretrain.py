@@ -61,6 +61,7 @@ def test_run_directory_follows_the_documented_layout(single):
     assert (ckpts / "latest").read_text().strip() == f"step_{STEPS}"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0", "step_3", "step_6"]
     assert (single / "config.yaml").is_file() and list((single / "tensorboard").iterdir())
+    assert (single / "data_fingerprint.json").is_file()
     for step in (0, 3, 6):
         d = ckpts / f"step_{step}"
         assert (d / "model" / "config.json").is_file() and (d / "model" / "model.safetensors").is_file()
@@ -77,6 +78,7 @@ def test_run_directory_follows_the_documented_layout(single):
                     "1",
                 )
                 assert f.get_tensor("input_ids").shape == (rows, SEQ + 1)
+                assert ("losses" in f.keys()) == (split == "eval")  # per-token losses: the eval split's
                 assert f.get_tensor("activations.layers.0.attention.v_proj").shape == (
                     rows,
                     16,
