@@ -32,6 +32,8 @@ GRID += ["perplexity", "perplexity_ci_low", "perplexity_ci_high", "selected"]
 CLAIM_A = ["arm", "versus", "component", "n", "log10_ratio", "ci_low", "ci_high", "ratio"]
 CLAIM_B = ["arm", "data_type", "component", "n", "spearman", "ci_low", "ci_high", "spikes"]
 CLAIM_B += ["spike_checkpoints", "troughs_at_spikes", "troughs", "checkpoints"]
+EPISODES = ["arm", "statistic", "n", "mean", "ci_low", "ci_high"]
+EPISODE_TAGS = ("queries_kept", "support_kept", "shots_per_class", "classes_no_support", "classes_one_shot")
 
 
 def find_runs(root: Path) -> dict[tuple[str, str], dict[int, Path]]:
@@ -227,6 +229,37 @@ def _is_trough(per: dict[int, float], i: int) -> bool:
     return values[i] < values[i - 1] and values[i] < values[i + 1]
 
 
+def scalars(run: Path, tag: str) -> list[float]:
+    """The values of a tensorboard scalar a run logged, in step order (a step logged again: its last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return []
+    return list({e.step: e.value for e in events.Scalars(tag)}.values())
+
+
+def episodes(runs: dict[str, dict[int, Path]], clip: float = 1.0) -> list[dict]:
+    """Per MAML arm (one that logged maml/*), each seed's mean over its meta steps of every EPISODE_TAGS
+    statistic, the fraction of its meta micro-batches that kept no query, and (every arm) the fraction of
+    steps whose gradient norm before clipping exceeded `clip`; mean and t-interval over seeds."""
+    out = []
+    for arm, seeds in runs.items():
+        values = defaultdict(list)
+        for run in seeds.values():
+            if meta := sum(scalars(run, "maml/meta_micro_batches")):
+                for tag in EPISODE_TAGS:
+                    values[tag].append(float(np.mean(scalars(run, f"maml/{tag}"))))
+                values["no_query_fraction"].append(
+                    sum(scalars(run, "maml/meta_micro_batches_no_query")) / meta
+                )
+            norms = scalars(run, "train/grad_norm")
+            values[f"grad_norm_above_{clip:g}"].append(float(np.mean([g > clip for g in norms])))
+        out += [dict(zip(EPISODES, [arm, k, len(v), *t_interval(v)])) for k, v in values.items()]
+    return out
+
+
 def write(rows: list[dict], columns: list[str], path: Path) -> Path:
     """A CSV of `rows` with header `columns`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +281,8 @@ def markdown(title: str, header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
 
 
-def tables(grid_rows: list[dict], a: list[dict], b: list[dict]) -> str:
-    """The grid (its selected rates marked) and the two claims as Markdown tables."""
+def tables(grid_rows: list[dict], a: list[dict], b: list[dict], e: list[dict]) -> str:
+    """The grid (its selected rates marked), the two claims and the episode statistics as Markdown tables."""
     grid_table = [
         [r["arm"], r["lr"], r["n"], interval(r, "loss", "loss_ci_low", "loss_ci_high", ".3f")]
         + [interval(r, "perplexity", "perplexity_ci_low", "perplexity_ci_high", ".1f"), "yes" * r["selected"]]
@@ -286,6 +319,11 @@ def tables(grid_rows: list[dict], a: list[dict], b: list[dict]) -> str:
             for r in b
         ],
     )
+    lines += markdown(
+        "Episode statistics (MAML arms), steps with a gradient norm above the clip: mean [95% CI] over seeds",
+        ["arm", "statistic", "n", "mean [95% CI]"],
+        [[r["arm"], r["statistic"], r["n"], interval(r, "mean", "ci_low", "ci_high", ".3f")] for r in e],
+    )
     return "\n".join(lines)
 
 
@@ -317,7 +355,9 @@ def main(argv=None):
     b = claim_b(runs, args.analysis, args.spike_window, args.spike_threshold)
     print(write(a, CLAIM_A, out / "claim_a.csv"))
     print(write(b, CLAIM_B, out / "claim_b.csv"))
-    (out / "tables.md").write_text(tables(grid(args.root), a, b))
+    e = episodes(runs)
+    print(write(e, EPISODES, out / "episodes.csv"))
+    (out / "tables.md").write_text(tables(grid(args.root), a, b, e))
     print(out / "tables.md")
 
 

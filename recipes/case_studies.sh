@@ -125,6 +125,6 @@ rm -rf "$ROOT/comparison/plots"  # analyze.py writes the groups into the first g
 cp "$first/analysis/case_studies/groups.csv" "$ROOT/comparison/"
 cp -r "$first/analysis/case_studies/plots/groups" "$ROOT/comparison/plots"
 echo
-echo "tables:  $ROOT/comparison/tables.md (grid.csv, selected.csv, groups.csv, claim_a.csv, claim_b.csv)"
+echo "tables:  $ROOT/comparison/tables.md (grid, selected, groups, claim_a, claim_b, episodes: .csv)"
 echo "plots:   $ROOT/comparison/plots/ (each arm's mean over seeds, its 95% t-interval a band)"
 echo "total:   $((SECONDS - start)) s"

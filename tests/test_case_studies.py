@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from scipy import stats
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pico.analysis import train_loss
 
@@ -29,8 +30,10 @@ ENV |= {"CONTROLS": " ".join(CONTROLS)}
 
 
 def interval(values):
-    """Mean and 95% Student-t interval, by scipy."""
+    """Mean and 95% Student-t interval, by scipy (of zero width when the values are equal)."""
     values = np.asarray(values, dtype=np.float64)
+    if len(values) > 1 and np.ptp(values) == 0:
+        return values.mean(), values.mean(), values.mean()
     low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
     return values.mean(), low, high
 
@@ -64,6 +67,13 @@ def spike_z(loss, window):
         full = len(before) == window and before.std() > 0
         z[step] = max(0.0, (loss[step] - before.mean()) / before.std()) if full else 0.0
     return z
+
+
+def scalar_events(run, tag):
+    """A run's tensorboard events of `tag`."""
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars(tag)
 
 
 def close(got, expected):
@@ -134,6 +144,13 @@ def test_protocol_end_to_end_and_its_numbers_recomputed(tmp_path, run_demo_scrip
             == (g["step"], "weights", "attention.v_proj", "1", "per")
         ]
         assert all(close(g[k], v) for k, v in zip(("mean", "ci_low", "ci_high"), interval(values))), g
+    # episodes.csv: no MAML arm here, so only the fraction of steps whose gradient norm exceeded the clip.
+    for r in rows(comparison / "episodes.csv"):
+        assert r["statistic"] == "grad_norm_above_1"
+        fractions = [
+            np.mean([e.value > 1 for e in scalar_events(run, "train/grad_norm")]) for run in chosen[r["arm"]]
+        ]
+        assert all(close(r[k], v) for k, v in zip(("mean", "ci_low", "ci_high"), interval(fractions))), r
     assert list((comparison / "plots").glob("*.png")) and (comparison / "tables.md").is_file()
     assert "== training:" in out
 
@@ -146,3 +163,29 @@ def test_protocol_end_to_end_and_its_numbers_recomputed(tmp_path, run_demo_scrip
     assert (cut / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
     starts = json.loads((cut / "run.json").read_text())["starts"]
     assert [s["step"] for s in starts] == [0, STEPS - 1]
+
+
+def test_claim_b_statistics_equal_scipy_on_a_series_with_spikes():
+    """Spike scores (pico.spikes.SpikeDetector's z) and the Spearman correlation of interval scores and PER
+    dips, against an independent numpy z-score and scipy's spearmanr, on a noisy loss with three spikes."""
+    from recipes.case_studies import checkpoint_spikes, spearman, spike_scores
+
+    rng = np.random.default_rng(0)
+    loss = {k: 6 - 0.01 * k + 0.02 * rng.standard_normal() for k in range(1, 81)}
+    for k in (23, 47, 61):
+        loss[k] += 0.5
+    z = spike_scores(loss, 10)
+    expected = spike_z(loss, 10)
+    assert z.keys() == expected.keys() and all(z[k] == pytest.approx(expected[k], abs=1e-9) for k in z)
+    assert {k for k, v in z.items() if v > 3} == {23, 47, 61}
+    per = {s: 0.9 - 0.001 * s + 0.01 * rng.standard_normal() for s in range(0, 81, 8)}
+    score, dips = checkpoint_spikes(per, z)
+    steps = sorted(per)
+    assert len(score) == len(steps) - 3
+    assert score == [
+        max(z[k] for k in z if steps[i - 1] + 1 < k <= steps[i] + 1) for i in range(2, len(steps) - 1)
+    ]
+    assert spearman(score, dips) == pytest.approx(stats.spearmanr(score, dips).statistic, abs=1e-12)
+    ties = [1.0, 2.0, 2.0, 3.0, 0.5]
+    assert spearman(ties, [5, 3, 4, 1, 2]) == pytest.approx(stats.spearmanr(ties, [5, 3, 4, 1, 2]).statistic)
+    assert math.isnan(spearman([0.0, 0.0, 0.0], [1, 2, 3]))  # a constant score: no correlation defined
