@@ -17,8 +17,8 @@
 # A seed s sets training.seed=s (initial weights, MAML's episodes, ReLoRA's resets) and data.shuffle_seed=s.
 # Rerunning continues: a finished run (checkpoints/latest = step_STEPS) is skipped, an unfinished one resumes
 # from its latest checkpoint, and the comparison is written again. One ROOT holds one protocol's sizes.
-# The full protocol is 3 arms x 3 lrs x 3 seeds + 2 controls x 3 seeds = 33 runs of 80 steps: about 40
-# minutes on 2 CPU cores (docs/case_studies.md, "What the protocol shows").
+# The full protocol is 3 arms x 3 lrs x 3 seeds + 2 controls x 3 seeds = 33 runs of 80 steps: 53 minutes
+# on a shared 2-core CPU machine and 19 GB of checkpoints (docs/case_studies.md, "What the protocol shows").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PICO_CACHE=${PICO_CACHE:-$HOME/.cache/pico}
