@@ -83,6 +83,7 @@ def close(got, expected):
     )
 
 
+@pytest.mark.timeout(900)  # 11 launches of a recipe and 2 analyses: about 280 s on 2 cores
 def test_protocol_end_to_end_and_its_numbers_recomputed(tmp_path, run_demo_script):
     root = tmp_path / "cs"
     out = run_demo_script("case_studies.sh", {"ROOT": str(root), **ENV}).stdout
