@@ -68,7 +68,8 @@ class SpikeDetectionConfig:
 class TrainingConfig:
     """Optimiser, schedule, parallelism and numerics."""
 
-    # All but `seed`, which made the initial weights (the checkpoint holds the RNG state from then on).
+    # All but `seed`, which made the initial weights (the checkpoint holds the RNG state from then on), and
+    # `block_lr_ratio`, which makes the optimizer's parameter groups.
     changeable_on_resume: ClassVar = (
         "max_steps",
         "lr",
@@ -93,6 +94,7 @@ class TrainingConfig:
 
     max_steps: int = 200_000
     lr: float = 3e-4
+    block_lr_ratio: float = 1.0  # the attention and SwiGLU matrices train at this fraction of lr
     warmup_steps: int = 2500
     schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
     min_lr_ratio: float = 0.0
@@ -237,6 +239,7 @@ def _validate(cfg: Config) -> None:
         "learning_dynamics.eval_batch_size": cfg.learning_dynamics.eval_batch_size,
         "evaluation.batch_size": cfg.evaluation.batch_size,
         "training.lr": cfg.training.lr,
+        "training.block_lr_ratio": cfg.training.block_lr_ratio,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -23,8 +23,11 @@ from pico.data import split_rows
 from pico.distributed import all_reduce_mean, all_reduce_sum, autocast, gather_rows, gradient_sync
 from pico.learning_dynamics import SplitDynamics
 from pico.model import PicoDecoder
+from pico.training import chunked_cross_entropy
 
 DRAW, EPISODE = 0, 1  # the streams of random numbers derived from (training.seed, step)
+# What maml_step sums over a step's micro-batches and ranks: branch counts, the adapted head's support and
+# query loss sums, correct and kept counts, then the episodes' counts (Episode.counts).
 STATS = (
     "meta",
     "lm",
@@ -34,6 +37,12 @@ STATS = (
     "query_loss",
     "query_correct",
     "query_n",
+    "support_items",
+    "queries",
+    "classes",
+    "classes_no_support",
+    "classes_one_shot",
+    "no_query",
 )
 
 
@@ -137,6 +146,14 @@ class Episode(NamedTuple):
     query_keep: torch.Tensor  # (B,)
     classes: torch.Tensor  # (N,) token ids
 
+    def counts(self) -> torch.Tensor:
+        """[support items, queries, classes, classes with no kept support item, classes with one, whether no
+        query is kept] (float, on the episode's device): what `maml/*` logs about the episodes."""
+        shots = torch.bincount(self.support_target[self.support_keep], minlength=len(self.classes))  # (N,)
+        counts = [self.support_keep.numel(), len(self.query_keep), len(self.classes)]
+        counts += [(shots == 0).sum(), (shots == 1).sum(), ~self.query_keep.any()]
+        return torch.stack([torch.as_tensor(c, device=shots.device) for c in counts]).float()
+
 
 def make_episode(
     rows: torch.Tensor, rng: np.random.Generator, k: int, n: int, vocab: int, mask: int
@@ -216,9 +233,11 @@ def adapt(head: nn.Module, weights: dict, hs: torch.Tensor, target, keep, steps:
 class MamlDecoder(PicoDecoder):
     """A PicoDecoder with the MAML head, a training-only module (in state/, not in the HF export).
 
-    `model(ids)` are next-token logits; `model(support_inputs, episode=e)` the support hidden states
-    (B, K, C); `model(query_inputs, episode=e, support=states)` the meta step's query loss and statistics.
-    Everything runs inside forward, so DDP and FSDP2 see the head like any other module."""
+    `model(ids)` are next-token logits; `model(inputs, labels=labels)` the mean next-token cross-entropy, the
+    output layer fused with it in chunks (pico.training.chunked_cross_entropy); `model(support_inputs,
+    episode=e)` the support hidden states (B, K, C); `model(query_inputs, episode=e, support=states)` the
+    meta step's query loss and statistics. Everything runs inside forward, so DDP (which looks for unused
+    parameters here) and FSDP2 see the output layer and the head like any other module."""
 
     training_only = ("head",)
 
@@ -227,7 +246,9 @@ class MamlDecoder(PicoDecoder):
         self.head = Head(config.d_model, m.head_hidden, m.head_layers, config.vocab_size)
         self.inner_steps, self.inner_lr = m.inner_steps, m.inner_lr
 
-    def forward(self, input_ids, episode: Episode | None = None, support: torch.Tensor | None = None):
+    def forward(self, input_ids, episode: Episode | None = None, support=None, labels=None, reduction="mean"):
+        if labels is not None:
+            return self.next_token_loss(input_ids, labels, reduction)
         if episode is None:
             return super().forward(input_ids)  # (B, T, V)
         h = self.hidden(input_ids)  # (B, T, C)
@@ -235,6 +256,17 @@ class MamlDecoder(PicoDecoder):
         if support is None:
             return h[rows[:, None], episode.support_pos]  # (B, K, C)
         return self.meta_loss(h[rows, episode.query_pos], support, episode)
+
+    def next_token_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+        """Next-token cross-entropy on `input_ids` (B, T) against `labels` (B, T) (`reduction="none"`: per
+        token, (B·T,)), fused and chunked as pretrain.py's (pico.training.token_loss: no (B·T, V) logits)
+        unless a hook on the output layer (a capture of it) needs them."""
+        h = self.hidden(input_ids)  # (B, T, C)
+        out = self.de_embedding_proj
+        if out._forward_hooks or out._forward_pre_hooks:
+            logits = out(h).float().flatten(0, 1)  # (B·T, V)
+            return F.cross_entropy(logits, labels.flatten(), reduction=reduction)
+        return chunked_cross_entropy(h.flatten(0, 1), out.weight, labels.flatten(), reduction)
 
     def meta_loss(self, hq: torch.Tensor, support: torch.Tensor, e: Episode):
         """Query loss of the head adapted on the support set, and [support loss sum, correct, n, query ...].
@@ -283,17 +315,17 @@ def maml_step(
             with gradient_sync(model, i == n - 1):
                 if e is None:
                     inputs, labels = split_rows(rows)  # (mb, T) each
-                    logits = _forward(model, inputs, precision)  # (mb, T, V)
                     reduce = "none" if losses else "mean"
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduce)
+                    loss = _forward(model, inputs, precision, labels=labels, reduction=reduce)
                     if losses:  # per token (mb·T,): kept, and the micro-batch trains on their mean
-                        per_token.append(loss.detach().view_as(labels))  # (mb, T)
+                        per_token.append(loss.detach().float().view_as(labels))  # (mb, T)
                         loss = loss.mean()
                     stats[1] += 1
                 else:
                     loss, s = _forward(model, e.query_inputs, precision, episode=e, support=support[i])
                     stats[0] += 1
-                    stats[2:] += s
+                    stats[2:8] += s
+                    stats[8:] += e.counts()
                 (loss / n).backward()
             total += loss.detach() / n
         gradients = cap.gradients() if layers else None  # before anything clips or zeroes them
@@ -308,11 +340,19 @@ def _forward(model, inputs, precision, **kwargs):
 
 
 def maml_scalars(stats: torch.Tensor) -> dict[str, float]:
-    """The step's `maml/*` scalars from maml_step's STATS: branch counts, support and query loss/accuracy."""
+    """The step's `maml/*` scalars from maml_step's STATS: branch counts, support and query loss/accuracy,
+    and, with a meta micro-batch, what its episodes held (docs/case_studies.md, "Episode statistics")."""
     s = dict(zip(STATS, stats.tolist()))
     out = {"maml/meta_micro_batches": s["meta"], "maml/lm_micro_batches": s["lm"]}
     for part in ("support", "query"):
         if s[f"{part}_n"]:
             out[f"maml/{part}_loss"] = s[f"{part}_loss"] / s[f"{part}_n"]
             out[f"maml/{part}_accuracy"] = s[f"{part}_correct"] / s[f"{part}_n"]
+    if s["meta"]:
+        out["maml/queries_kept"] = s["query_n"] / s["queries"]
+        out["maml/support_kept"] = s["support_n"] / s["support_items"]
+        out["maml/shots_per_class"] = s["support_n"] / s["classes"]
+        out["maml/classes_no_support"] = s["classes_no_support"] / s["classes"]
+        out["maml/classes_one_shot"] = s["classes_one_shot"] / s["classes"]
+        out["maml/meta_micro_batches_no_query"] = s["no_query"]
     return out

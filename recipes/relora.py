@@ -81,12 +81,18 @@ def lr_lambda(t, rl):
 
 
 def build_optimizer(model, t):
-    """AdamW (fused: one kernel for all parameters); weight decay only on matrices, not on 1-D parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (fused: one kernel for all parameters); weight decay only on matrices, not on 1-D parameters;
+    the attention and SwiGLU matrices in a group of their own at `block_lr_ratio · lr` when that is not 1."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scaled = t.block_lr_ratio != 1
+    block = {n for n, p in named if scaled and p.ndim >= 2 and (".attention." in n or ".swiglu." in n)}
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.ndim >= 2 and n not in block], "weight_decay": t.weight_decay},
+        {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if block:  # the lr-allocation control of docs/case_studies.md
+        params = [p for n, p in named if n in block]
+        groups.append({"params": params, "weight_decay": t.weight_decay, "lr": t.lr * t.block_lr_ratio})
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 

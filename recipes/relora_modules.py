@@ -158,9 +158,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reinit(self, generator: torch.Generator) -> None:
-        """A ← Kaiming-uniform from `generator`, B ← 0 (a collective under FSDP2)."""
+        """A ← Kaiming-uniform from `generator`, B ← 0 and a trainable scale back at 1, as the published
+        ReLoRA for pico does (a collective under FSDP2)."""
         _local(self.lora_A).copy_(_shard_of(_kaiming(self.lora_A.shape, generator), self.lora_A))
         _local(self.lora_B).zero_()
+        if self.lora_scale is not None:
+            _local(self.lora_scale).fill_(1.0)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -217,9 +220,9 @@ def prune_mask(state: torch.Tensor, ratio: float, how: str, generator: torch.Gen
 
 @torch.no_grad()
 def relora_reset(model: nn.Module, optimizer: torch.optim.Optimizer, rl, seed: int, step: int) -> float:
-    """ReLoRA's reset at `step`: merge every LoRA linear (W ← W + s·B·A), re-initialise A and B, and prune
-    Adam's moments of the A and B factors (other parameters' state is untouched); returns the fraction of
-    those moments zeroed. A collective: call it on every rank."""
+    """ReLoRA's reset at `step`: merge every LoRA linear (W ← W + s·B·A), re-initialise A, B (and a trainable
+    scale), and prune Adam's moments of the A and B factors (other parameters' state, the scale's included,
+    is untouched); returns the fraction of those moments zeroed. A collective: call it on every rank."""
     generator = reset_generator(seed, step)
     zeroed = total = 0
     for module in lora_modules(model):

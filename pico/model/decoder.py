@@ -195,16 +195,19 @@ class PicoDecoder(nn.Module):
                 module.reset_parameters()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Number of parameters; exclude_embedding drops the input embedding table (a lookup,
-        no FLOPs) but keeps de_embedding_proj, which is a real matmul."""
-        n = sum(p.numel() for p in self.parameters())
+        """Number of parameters of the model, `training_only` modules left out (they are not part of the model
+        the run makes); exclude_embedding drops the input embedding table (a lookup, no FLOPs) but keeps
+        de_embedding_proj, which is a real matmul."""
+        params = self.named_parameters()
+        n = sum(p.numel() for name, p in params if name.split(".")[0] not in self.training_only)
         if exclude_embedding:
             n -= self.embedding_proj.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, 6N + 12 L H D T (PaLM appendix B; torchtitan), where
-        N = num_params(exclude_embedding=True) and the second term is attention scores and values."""
+        N = num_params(exclude_embedding=True) (no `training_only` module) and the second term is attention
+        scores and values."""
         c = self.config
         attention = 12 * c.n_layers * c.attention_n_heads * c.head_dim * seq_len
         return 6 * self.num_params(exclude_embedding=True) + attention

@@ -137,6 +137,24 @@ def test_num_params_and_flops_per_token():
     assert model.flops_per_token(32) == 6 * (n - 256 * 64) + 12 * 2 * 4 * 16 * 32
 
 
+class WithHead(PicoDecoder):
+    """A fork's decoder with a training-only head (as MAML's): trained alongside, not part of the model."""
+
+    training_only = ("head",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(8, 256))
+
+
+def test_training_only_modules_count_in_neither_params_nor_flops():
+    plain, forked = small_model(), WithHead(PicoDecoderConfig(**SMALL))
+    assert sum(p.numel() for p in forked.parameters()) == plain.num_params() + 64 * 8 + 8 * 256 + 256
+    assert forked.num_params() == plain.num_params()
+    assert forked.num_params(exclude_embedding=True) == plain.num_params(exclude_embedding=True)
+    assert forked.flops_per_token(32) == plain.flops_per_token(32)
+
+
 def test_meta_construction_then_init_weights_is_finite_and_deterministic():
     def build_on_meta(seed):
         with torch.device("meta"):

@@ -12,9 +12,20 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.func import functional_call
 
+import pico.training
+import recipes.maml_modules as maml_modules
 from pico.config import ConfigError, load_config
 from pico.model import PicoDecoder, PicoDecoderConfig
-from recipes.maml_modules import MamlConfig, MamlDecoder, MamlRunConfig, adapt, maml_step, step_episodes
+from recipes.maml_modules import (
+    Episode,
+    MamlConfig,
+    MamlDecoder,
+    MamlRunConfig,
+    adapt,
+    maml_scalars,
+    maml_step,
+    step_episodes,
+)
 from tests.distributed import run_distributed_test
 from tests.recipes.common import launch
 from tests.recipes.test_pretrain import data, losses, overrides, weights  # noqa: F401 (data: a fixture)
@@ -147,6 +158,104 @@ def test_outer_gradients_equal_a_torch_func_reference():
         torch.testing.assert_close(p.grad, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_next_token_branch_is_the_chunked_loss_and_equals_full_logits(monkeypatch):
+    """Next-token micro-batches fuse the output layer into the loss in chunks (no (B·T, V) logits), and give
+    the loss and gradients of the plain cross-entropy over the full logits."""
+    torch.manual_seed(0)
+    model = MamlDecoder(CFG, MAML)
+    batches = [torch.randint(0, 20, (3, 11), generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    calls = []
+
+    def spy(hidden, weight, labels, reduction):
+        calls.append(hidden.shape)
+        return pico.training.chunked_cross_entropy(hidden, weight, labels, reduction)
+
+    monkeypatch.setattr(maml_modules, "chunked_cross_entropy", spy)
+    monkeypatch.setattr(pico.training, "LOSS_CHUNK_ELEMENTS", 4 * CFG.vocab_size)  # chunks of 4 tokens
+    loss, stats, _ = maml_step(model, batches, [None, None])
+    assert calls == [(30, CFG.d_model)] * 2 and stats[1] == 2
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ref = sum(
+        F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten()) / 2 for rows in batches
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=0, atol=1e-6)
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in got.items():
+        torch.testing.assert_close(g, model.get_parameter(name).grad, rtol=0, atol=1e-6, msg=name)
+
+
+def hand_made_episode(classes):
+    """Two sequences, support positions 1, 2, 3 and one query each; labels as class indices, by hand."""
+    # (B, T) = (2, 8): support labels 1 2 1 | 2 2 7
+    ids = torch.tensor([[9, 1, 2, 1, 3, 4, 5, 6], [9, 2, 2, 7, 3, 8, 1, 6]])
+    support_pos, query_pos = torch.tensor([[1, 2, 3], [1, 2, 3]]), torch.tensor([4, 5])  # queries: 3 | 8
+    classes = torch.tensor(classes)
+    support_labels, query_labels = ids.gather(1, support_pos), ids.gather(1, query_pos[:, None])[:, 0]
+    index = {int(c): i for i, c in enumerate(classes)}
+    return Episode(
+        ids.scatter(1, support_pos, MASK),
+        support_pos,
+        torch.tensor([[index.get(int(t), 0) for t in row] for row in support_labels]),
+        torch.tensor([[int(t) in index for t in row] for row in support_labels]),
+        ids.scatter(1, query_pos[:, None], MASK),
+        query_pos,
+        torch.tensor([index.get(int(t), 0) for t in query_labels]),
+        torch.tensor([int(t) in index for t in query_labels]),
+        classes,
+    )
+
+
+def test_episode_statistics_are_counted_and_logged():
+    """Two hand-made episodes, counted by hand: classes [1, 2, 7, 5] get 2, 3, 1 and 0 support examples and
+    neither query (3, 8) is a class; classes [1, 2, 3, 8] get 2, 3, 0, 0 (the 7 is dropped) and keep both."""
+    first, second = hand_made_episode([1, 2, 7, 5]), hand_made_episode([1, 2, 3, 8])
+    assert first.counts().tolist() == [
+        6,
+        2,
+        4,
+        1,
+        1,
+        1,
+    ]  # items, queries, classes, no shot, one shot, no query
+    assert second.counts().tolist() == [6, 2, 4, 2, 0, 0]
+    torch.manual_seed(0)
+    model = MamlDecoder(PicoDecoderConfig(16, 1, 2, 1, 32, vocab_size=24, max_seq_len=16), MAML)
+    rows = torch.zeros(2, 9, dtype=torch.long)  # unused by meta micro-batches but for their count
+    _, stats, _ = maml_step(model, [rows, rows, rows], [first, None, second])
+    scalars = maml_scalars(stats)
+    expected = {
+        "maml/meta_micro_batches": 2,
+        "maml/lm_micro_batches": 1,
+        "maml/queries_kept": 2 / 4,
+        "maml/support_kept": 11 / 12,
+        "maml/shots_per_class": 11 / 8,
+        "maml/classes_no_support": 3 / 8,
+        "maml/classes_one_shot": 1 / 8,
+        "maml/meta_micro_batches_no_query": 1,
+    }
+    assert {k: scalars[k] for k in expected} == pytest.approx(expected, rel=1e-6)
+    assert "maml/queries_kept" not in maml_scalars(
+        maml_step(model, [rows], [None])[1]
+    )  # no meta: no episodes
+
+
+def test_episode_counts_equal_a_count_over_the_rows():
+    """Drawn episodes of a batch with few token ids, counted again from the rows with plain Python."""
+    rows = torch.randint(0, 6, (4, 13), generator=torch.Generator().manual_seed(1))
+    m = dataclasses.replace(MAML, hybrid_ratio=1.0, k_shot=3, n_way=5)
+    for step in range(5):
+        (e,) = step_episodes([rows], m, 0, step, 0, 24, MASK)
+        classes = e.classes.tolist()
+        support = [int(rows[b, p]) for b in range(4) for p in e.support_pos[b].tolist()]
+        queries = [int(rows[b, e.query_pos[b]]) for b in range(4)]
+        shots = [sum(label == c for label in support) for c in classes]
+        expected = [len(support), len(queries), len(classes), shots.count(0), shots.count(1)]
+        expected.append(not any(q in classes for q in queries))
+        assert e.counts().tolist() == expected, step
+
+
 def _branches_on_every_rank():
     rank = dist.get_rank()
     batches = [
@@ -211,6 +320,10 @@ def test_run_logs_branches_and_meta_losses_and_exports_without_the_head(mixed):
     for tag in ("support_loss", "support_accuracy", "query_loss", "query_accuracy"):
         assert all(np.isfinite(e.value) for e in acc.Scalars(f"maml/{tag}"))
     assert any(e.value < np.log(8) for e in acc.Scalars("maml/support_loss"))  # the inner loop adapted
+    for tag in ("queries_kept", "support_kept", "classes_no_support", "classes_one_shot"):
+        assert all(0 <= e.value <= 1 for e in acc.Scalars(f"maml/{tag}")) and acc.Scalars(f"maml/{tag}")
+    assert all(0 < e.value <= 2 for e in acc.Scalars("maml/shots_per_class"))  # B·K items over N classes
+    assert all(e.value in (0, 1, 2, 3, 4) for e in acc.Scalars("maml/meta_micro_batches_no_query"))
     with safe_open(mixed / "checkpoints" / "step_6" / "model" / "model.safetensors", "pt") as f:
         assert not any(k.startswith("head.") for k in f.keys())
     transformers = pytest.importorskip("transformers")

@@ -79,11 +79,15 @@ def test_function_is_unchanged_at_init_and_across_a_reset(trainable_scale):
     v = model.layers[1].attention.v_proj
     assert v.lora_B.any() and (not trainable_scale or v.lora_scale.item() != 1.0)
     w_eff, w, a = v.effective_weight(), v.weight.clone(), v.lora_A.clone()
+    scale_state = {k: t.clone() for k, t in optimizer.state[v.lora_scale].items()} if trainable_scale else {}
     with torch.no_grad():
         before = model.eval()(ids)
         lora.relora_reset(model, optimizer, cfg.relora, seed=3, step=4)
         torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-6)
     assert not v.lora_B.any() and not torch.equal(v.lora_A, a)  # B zero, a new Kaiming A
+    if trainable_scale:  # the scale back at 1 (s = tanh 1), its Adam state kept, as relora-pico does
+        assert v.lora_scale.item() == 1.0 and scale_state["exp_avg"].any()
+        assert all(torch.equal(optimizer.state[v.lora_scale][k], t) for k, t in scale_state.items())
     torch.testing.assert_close(v.weight, w_eff, rtol=0, atol=1e-6)  # W ← W + s·B·A, s included
     assert not torch.allclose(v.weight, w, rtol=0, atol=1e-4)
 
