@@ -21,7 +21,7 @@ import numpy as np
 
 from pico.analysis.evals import EvalRow
 from pico.analysis.student_t import t_ppf
-from pico.analysis.table import Rows
+from pico.analysis.table import Rows, series_of, write_rows
 from pico.errors import AnalysisError
 from pico.run_dir import run_name
 
@@ -119,32 +119,16 @@ def group_rows(rows, groups, level: float = 0.95) -> Rows:
 def write_groups_csv(rows, path) -> Path:
     """groups.csv: header GROUP_COLUMNS, empty cells for split/layer/head where they do not apply, nan as
     such."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(GROUP_COLUMNS)
-        writer.writerows(["" if v is None else v for v in row] for row in rows)
-    return path
+    return write_rows(rows, path, GROUP_COLUMNS)
 
 
 def read_groups_csv(path) -> Rows:
     """Rows of GroupRow back from a groups.csv written by `write_groups_csv`."""
-
-    def opt(v, cast):
-        return None if v == "" else cast(v)
-
     with open(path, newline="") as f:
         return Rows(
             GroupRow(
                 r["group"],
-                int(r["step"]),
-                opt(r["split"], str),
-                r["data_type"],
-                r["component"],
-                opt(r["layer"], int),
-                opt(r["head"], int),
-                r["metric"],
+                *series_of(r),
                 float(r["mean"]),
                 float(r["ci_low"]),
                 float(r["ci_high"]),

@@ -12,7 +12,7 @@ import numpy as np
 from pico.analysis.compute import run_names
 from pico.analysis.groups import group_rows, write_groups_csv
 from pico.analysis.spec import AnalysisSpec
-from pico.analysis.table import Row, Rows
+from pico.analysis.table import Row, Rows, series_of, write_rows
 from pico.run_dir import TENSORBOARD, analysis_dir
 
 COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "metric", "value")
@@ -21,36 +21,13 @@ COLUMNS = ("run", "step", "split", "data_type", "component", "layer", "head", "m
 def write_csv(rows, path) -> Path:
     """The tidy table: header COLUMNS, empty cells for split/layer/head where they do not apply,
     nan/inf as such."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(["" if v is None else v for v in row] for row in rows)
-    return path
+    return write_rows(rows, path, COLUMNS)
 
 
 def read_csv(path) -> Rows:
     """Rows back from a metrics.csv written by `write_csv`."""
-
-    def opt(v, cast):
-        return None if v == "" else cast(v)
-
     with open(path, newline="") as f:
-        return Rows(
-            Row(
-                r["run"],
-                int(r["step"]),
-                opt(r["split"], str),
-                r["data_type"],
-                r["component"],
-                opt(r["layer"], int),
-                opt(r["head"], int),
-                r["metric"],
-                float(r["value"]),
-            )
-            for r in csv.DictReader(f)
-        )
+        return Rows(Row(r["run"], *series_of(r), float(r["value"])) for r in csv.DictReader(f))
 
 
 def scalar_tag(row: Row) -> str:
