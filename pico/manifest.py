@@ -213,11 +213,14 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def _walk(step_path: Path, parts: list[str]) -> Iterator[Path]:
-    """The files (and symlinks) under `parts` of `step_path`, not following symlinks to directories."""
+    """The files (and symlinks) under `parts` of `step_path`, not following symlinks to directories, nor
+    into a `state/` that retention is deleting (`pico.run_dir.drop_state`)."""
     for part in parts:
         top = step_path / part
         if top.is_dir() and not top.is_symlink():
             for folder, dirs, files in os.walk(top):
+                if Path(folder) == step_path and DROPPED_STATE in dirs:
+                    dirs.remove(DROPPED_STATE)
                 links = [d for d in dirs if (Path(folder) / d).is_symlink()]
                 yield from (Path(folder) / name for name in sorted(files + links))
         elif top.exists() or top.is_symlink():
@@ -243,8 +246,6 @@ def _check(step_path: Path, manifest: dict, parts: list[str], root: Path | None)
     problems, found = [], {}
     for path in _walk(step_path, parts):
         name = path.relative_to(step_path).as_posix()
-        if name.startswith(DROPPED_STATE + "/"):  # retention's deletion in progress (pico.run_dir.drop_state)
-            continue
         if fault := _link_fault(path, root):
             problems.append(fault)
         elif name in manifest:
@@ -341,8 +342,7 @@ def verified_files(step_path: Path) -> dict[str, Path]:
     included; otherwise a CheckpointError naming the first file at fault."""
     step_path = Path(step_path)
     _raise_first(step_faults(step_path))
-    files = {path.relative_to(step_path).as_posix(): path for path in sorted(_walk(step_path, ["."]))}
-    return {name: path for name, path in files.items() if not name.startswith(DROPPED_STATE + "/")}
+    return {path.relative_to(step_path).as_posix(): path for path in sorted(_walk(step_path, ["."]))}
 
 
 def _safetensors_fault(path: Path) -> str | None:
