@@ -146,19 +146,20 @@ def start_run(
     resumed_from: Path | None,
     recipe: str,
     branched_from: Path | None = None,
-) -> None:
+) -> dict[str, list]:
     """Start training at `step` in `run_dir` (a new run: `resumed_from` None; at step 0, or at the step of
     `branched_from`): rank 0 records the start in run.json (the recipe, its config sections, and per start
     its step, source and changed settings: against the run resumed, or the run branched from) and writes
     config.yaml; a new run with `checkpointing.overwrite` first deletes the earlier run's checkpoints,
-    tensorboard logs and analyses. A ConfigError when `training.max_steps` < `step`."""
+    tensorboard logs and analyses. Returns the changed settings it recorded ({} on other ranks). A
+    ConfigError when `training.max_steps` < `step`."""
     if step > cfg.training.max_steps:
         raise ConfigError(
             f"training.max_steps: {cfg.training.max_steps} is below step {step}, which the run resumes "
             f"from ({resumed_from}); raise it, or resume from an earlier step with checkpointing.resume"
         )
     if not is_main():
-        return
+        return {}
     if resumed_from is None and cfg.checkpointing.overwrite:
         for name in (CHECKPOINTS, TENSORBOARD, ANALYSIS):
             shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
@@ -174,6 +175,7 @@ def start_run(
     record["starts"].append(start | ({"branched": True} if branched_from is not None else {}))
     save_config(cfg, Path(run_dir) / CONFIG)
     write_atomic(Path(run_dir) / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+    return changes
 
 
 def read_record(path: Path) -> dict | None:
@@ -266,7 +268,7 @@ def branch_changes(path: Path, cfg: Config) -> dict[str, list]:
 
 
 def changes_line(changes: dict[str, list]) -> str:
-    """`key old → new, ...` of `changes` ({key: [old, new]}, as `branch_changes` returns), or "nothing"."""
+    """`key old → new, ...` of `changes` ({key: [old, new]}, as `start_run` returns), or "nothing"."""
     return ", ".join(f"{key} {old} → {new}" for key, (old, new) in changes.items()) or "nothing"
 
 

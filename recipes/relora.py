@@ -48,7 +48,7 @@ from pico.model import PicoDecoder
 from pico.model.hf import export_problem
 from pico.preemption import Preemption
 from pico.run_dir import checkpoints_dir
-from pico.run_lock import branch_changes, changes_line, open_run_dir, start_run
+from pico.run_lock import changes_line, open_run_dir, start_run
 from pico.spikes import SpikeDetector, save_spike
 from pico.training import apply_update, captured_step, train_step
 
@@ -191,7 +191,7 @@ def main(argv=None):
     )
     if load_from:
         load_checkpoint(load_from, model, optimizer, scheduler, stream, branch=bool(branch))
-    start_run(  # run.json, config.yaml
+    changes = start_run(  # run.json, config.yaml; the settings changed from the run resumed or branched from
         run_dir, cfg, step=first_step, resumed_from=resume_from, recipe=RECIPE, branched_from=branch
     )
     log = TrainLogger(run_dir, t.max_steps)
@@ -204,8 +204,7 @@ def main(argv=None):
     if data_changes:
         log.print(f"data.allow_changed: from step {first_step} on the data differ: {data_changes}")
     if branch:
-        changed = changes_line(branch_changes(branch, cfg))
-        log.print(f"branched from {branch} at step {first_step}; changed: {changed}")
+        log.print(f"branched from {branch} at step {first_step}; changed: {changes_line(changes)}")
     if no_export:
         log.print(f"checkpoints hold no HF model/: {no_export}")
     peak, skipped = peak_flops(dist.device), 0
