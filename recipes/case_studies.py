@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pico.analysis import AnalysisError, eval_rows, read_csv, t_interval, train_loss
+from pico.analysis import AnalysisError, eval_rows, logged_scalars, read_csv, t_interval, train_loss
 from pico.errors import exit_on
 from pico.spikes import SpikeDetector
 
@@ -229,17 +229,6 @@ def _is_trough(per: dict[int, float], i: int) -> bool:
     return values[i] < values[i - 1] and values[i] < values[i + 1]
 
 
-def scalars(run: Path, tag: str) -> list[float]:
-    """The values of a tensorboard scalar a run logged, in step order (a step logged again: its last)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return []
-    return list({e.step: e.value for e in events.Scalars(tag)}.values())
-
-
 def episodes(runs: dict[str, dict[int, Path]], clip: float = 1.0) -> list[dict]:
     """Per MAML arm (one that logged maml/*), each seed's mean over its meta steps of every EPISODE_TAGS
     statistic, the fraction of its meta micro-batches that kept no query, and (every arm) the fraction of
@@ -248,13 +237,14 @@ def episodes(runs: dict[str, dict[int, Path]], clip: float = 1.0) -> list[dict]:
     for arm, seeds in runs.items():
         values = defaultdict(list)
         for run in seeds.values():
-            if meta := sum(scalars(run, "maml/meta_micro_batches")):
+            tags = ["maml/meta_micro_batches", "maml/meta_micro_batches_no_query", "train/grad_norm"]
+            logged = logged_scalars(run, tags + [f"maml/{tag}" for tag in EPISODE_TAGS])
+            scalars = {tag: list(values_by_step.values()) for tag, values_by_step in logged.items()}
+            if meta := sum(scalars["maml/meta_micro_batches"]):
                 for tag in EPISODE_TAGS:
-                    values[tag].append(float(np.mean(scalars(run, f"maml/{tag}"))))
-                values["no_query_fraction"].append(
-                    sum(scalars(run, "maml/meta_micro_batches_no_query")) / meta
-                )
-            norms = scalars(run, "train/grad_norm")
+                    values[tag].append(float(np.mean(scalars[f"maml/{tag}"])))
+                values["no_query_fraction"].append(sum(scalars["maml/meta_micro_batches_no_query"]) / meta)
+            norms = scalars["train/grad_norm"]
             values[f"grad_norm_above_{clip:g}"].append(float(np.mean([g > clip for g in norms])))
         out += [dict(zip(EPISODES, [arm, k, len(v), *t_interval(v)])) for k, v in values.items()]
     return out

@@ -29,6 +29,7 @@ from pico.analysis.groups import (
 from pico.analysis.in_situ import in_situ_scalars
 from pico.analysis.output import (
     COLUMNS,
+    logged_scalars,
     plot_groups,
     plot_loss,
     plot_rows,
@@ -83,6 +84,7 @@ __all__ = [
     "group_runs",
     "in_situ_scalars",
     "load_spec",
+    "logged_scalars",
     "open_run",
     "parse_spec",
     "plot_loss",

@@ -232,19 +232,24 @@ def plot_runs(rows, out_dir) -> list[Path]:
     return paths
 
 
-def train_loss(run_dir) -> dict[int, float]:
-    """{step: loss} of the training loss a run logged (tensorboard `train/loss`; where a resumed run logged a
-    step again, its last value); {} for a run without one (re-captured, converted)."""
+def logged_scalars(run_dir, tags) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the tensorboard scalars `tags` a run logged, read in one pass (where a resumed
+    run logged a step again, its last value); {} for a tag the run did not log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = Path(run_dir) / TENSORBOARD
     if not folder.is_dir():
-        return {}
+        return {tag: {} for tag in tags}
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
-    if "train/loss" not in events.Tags()["scalars"]:
-        return {}
-    return {e.step: e.value for e in events.Scalars("train/loss")}  # in the order logged
+    logged = events.Tags()["scalars"]
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} if tag in logged else {} for tag in tags}
+
+
+def train_loss(run_dir) -> dict[int, float]:
+    """{step: loss} of the training loss a run logged (tensorboard `train/loss`; where a resumed run logged a
+    step again, its last value); {} for a run without one (re-captured, converted)."""
+    return logged_scalars(run_dir, ["train/loss"])["train/loss"]
 
 
 def plot_loss(losses: dict[str, dict[int, float]], rows, out_dir) -> list[Path]:
