@@ -1,20 +1,11 @@
 """A finished tiny pretraining run to damage or craft copies of (tests/test_safe_loading.py,
 tests/test_manifest.py): the recipe run in this process, and re-hashing a step as an attacker would."""
 
-import importlib.util
 from pathlib import Path
 
 from pico.manifest import hash_file, write_manifest
-from tests.recipes.common import ROOT
+from tests.recipes.common import recipe_module
 from tests.tiny import MODEL, SEQ, write_shards
-
-
-def recipe(name):
-    """recipes/<name>.py as a module, so that its `main` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def args(data, run_dir, *extra):
@@ -39,7 +30,7 @@ def args(data, run_dir, *extra):
 def finished_run(root: Path) -> tuple[Path, Path]:
     """(data, run dir) of a finished run under `root`."""
     data = write_shards(root / "train", 64, seed=1)
-    recipe("pretrain").main(args(data, root / "run"))
+    recipe_module("pretrain").main(args(data, root / "run"))
     return data, root / "run"
 
 

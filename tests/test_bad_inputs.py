@@ -5,7 +5,6 @@ A table: input → the line the user sees. The recipes run in-process where the 
 error met mid-run, two ranks under ./torchrun.sh, a second process holding the run directory).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,18 +20,10 @@ import pytest
 
 from pico.model import PicoDecoder
 from pico.run_dir import RunDirError, analysis_dir
-from tests.recipes.common import ROOT, launch
+from tests.recipes.common import ROOT, launch, recipe_module
 from tests.tiny import SEQ, VOCAB, shards, tiny_run
 
 STEPS = 3  # checkpoints at 0, 2 and 3
-
-
-def recipe(name):
-    """recipes/<name>.py as a module, so that its `main` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def finished(data, tmp_path_factory):
 def pretrain(capsys, argv):
     """Run recipes/pretrain.py's main in-process; (exit code, stderr)."""
     with pytest.raises(SystemExit) as exit_:
-        recipe("pretrain").main(argv)
+        recipe_module("pretrain").main(argv)
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -396,7 +387,7 @@ def test_analysis_name_is_one_folder_inside_analysis(finished, tmp_path, capsys)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for name, shown in (("..", "'..'"), (".", "'.'"), ("../x", "'../x'")):
         with pytest.raises(SystemExit) as exit_:
-            recipe("analyze").main(["--run", str(run), f"name={name}"])
+            recipe_module("analyze").main(["--run", str(run), f"name={name}"])
         assert exit_.value.code == 2 and one_line(capsys.readouterr().err, "spec error: ") == (
             f"spec error: name: expected a folder name (letters, digits, _ . -), got {shown}"
         )
@@ -415,7 +406,7 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
         if not verified:
             manifest(run, 2).unlink()
         with pytest.raises(SystemExit) as exit_:
-            recipe("analyze").main(["--run", str(run)])
+            recipe_module("analyze").main(["--run", str(run)])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "Traceback" not in err  # after the progress bar, one line:
         why = "truncated (" if verified else "not a readable safetensors file ("
@@ -424,7 +415,7 @@ def test_bad_learning_dynamics_file_names_it(finished, tmp_path, capsys, damage)
 
 def test_analyze_answers_a_run_typed_without_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        recipe("analyze").main([str(tmp_path)])
+        recipe_module("analyze").main([str(tmp_path)])
     assert exit_.value.code == 2 and one_line(capsys.readouterr().err, "spec error: ") == (
         f"spec error: {tmp_path}: a directory where overrides (key=value) go; to analyze it: --run {tmp_path}"
     )

@@ -1,14 +1,12 @@
 """pico.errors: bad input is one line `<kind>: <message>` and exit 2; anything else keeps its traceback."""
 
-import importlib.util
-
 import pytest
 
 from pico.config import ConfigError as ConfigErrorOfConfig
 from pico.data import DataError
 from pico.errors import AnalysisError, ConfigError, PicoError, exit_on
 from pico.evaluation import TaskError
-from tests.recipes.common import ROOT
+from tests.recipes.common import recipe_module
 
 
 def test_exit_on_prints_one_line_of_kind_and_message(capsys):
@@ -49,9 +47,7 @@ def test_every_kind_is_a_pico_error_and_a_value_error():
 
 def test_a_bug_in_the_recipe_keeps_its_traceback(monkeypatch):
     """exit_on catches PicoError only: a plain ValueError from a fork's code is not turned into exit 2."""
-    spec = importlib.util.spec_from_file_location("recipe_pretrain", ROOT / "recipes" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
+    pretrain = recipe_module("pretrain")
 
     def build_model(*args):
         raise ValueError("a bug in build_model")

@@ -28,9 +28,9 @@ from pico.model.hf import ModelError, load_pretrained
 from pico.run_dir import RunDirError, latest_checkpoint, step_dir
 from tests.checkpoint_writes import build, save, update, weights
 from tests.distributed import run_distributed_test
-from tests.finished_run import args, finished_run, recipe
+from tests.finished_run import args, finished_run
 from tests.hub.standin import LocalHub
-from tests.recipes.common import ROOT
+from tests.recipes.common import ROOT, recipe_module
 
 REPO = "me/runs"
 
@@ -100,7 +100,7 @@ def test_a_flipped_byte_is_one_line_naming_the_file_and_the_run_is_left_as_it_wa
     flip(shard)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "run.lock"}
     with pytest.raises(SystemExit) as exit_:
-        recipe("pretrain").main(args(finished[0], run, "training.max_steps=6"))
+        recipe_module("pretrain").main(args(finished[0], run, "training.max_steps=6"))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     (line,) = err.strip().splitlines()
@@ -190,7 +190,7 @@ def test_symlinks_out_of_the_run_are_never_followed(finished, run, tmp_path, sta
     shutil.move(state, tmp_path / "train_state.json")
     state.symlink_to(tmp_path / "train_state.json")
     with pytest.raises(SystemExit) as exit_:
-        recipe("pretrain").main(args(finished[0], run, "training.max_steps=6"))
+        recipe_module("pretrain").main(args(finished[0], run, "training.max_steps=6"))
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith(f"run error: {state}: a symlink to {tmp_path / 'train_state.json'}, outside {run}")
@@ -214,7 +214,7 @@ def test_latest_may_only_name_a_step_of_its_own_run(finished, run, tmp_path, cap
     shutil.rmtree(step_dir(run, 3))
     step_dir(run, 3).symlink_to(step_dir(other, 3))
     with pytest.raises(SystemExit) as exit_:
-        recipe("pretrain").main(args(finished[0], run, "training.max_steps=6"))
+        recipe_module("pretrain").main(args(finished[0], run, "training.max_steps=6"))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(
         f"run error: {latest}: names step_3, a symlink to {step_dir(other, 3)}, not a step of this run"
@@ -254,7 +254,7 @@ def test_steps_written_before_manifests_get_the_checks_that_need_none(finished, 
         f"{step_dir(run, 3)}: ok, no manifest.json (written before manifests): metadata and sizes checked, "
         "contents not verified"
     )
-    recipe("pretrain").main(args(finished[0], run, "training.max_steps=4"))  # resumes
+    recipe_module("pretrain").main(args(finished[0], run, "training.max_steps=4"))  # resumes
     assert read_manifest(step_dir(run, 4)) is not None
     weights = step_dir(run, 0) / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])

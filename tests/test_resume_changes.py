@@ -4,7 +4,6 @@ the others (and another recipe's run) are refused with one line. The forks decla
 """
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 
@@ -31,18 +30,10 @@ from pico.data import TokenStream
 from pico.hub.config import HubConfig
 from recipes.maml_modules import MamlConfig
 from recipes.relora_modules import ReLoRAConfig
-from tests.recipes.common import ROOT, launch
+from tests.recipes.common import launch, recipe_module
 from tests.tiny import MODEL, SEQ, tiny_run, write_shards
 
 LR = 1e-3
-
-
-def recipe_module(name):
-    """recipes/<name>.py as a module (its sibling modules importable)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ from pico.run_dir import step_dir
 from pico.state_reader import ALLOWED, read_metadata
 from tests.checkpoint_writes import CONFIG, update
 from tests.distributed import run_distributed_test
-from tests.finished_run import args, finished_run, recipe, rehash
+from tests.finished_run import args, finished_run, rehash
 from tests.hub.standin import LocalHub
-from tests.recipes.common import ROOT
+from tests.recipes.common import ROOT, recipe_module
 
 SOURCES = sorted([*ROOT.glob("pico/**/*.py"), *ROOT.glob("recipes/**/*.py")])
 READER = ROOT / "pico" / "state_reader.py"  # the one module that may unpickle (with its allow-list)
@@ -317,7 +317,7 @@ def test_the_recipe_refuses_a_crafted_checkpoint_with_exit_2_and_runs_nothing(
             str(tmp_path / "standin" / "cache" / "evil--run" / commit),
         )
     with pytest.raises(SystemExit) as exit_:
-        recipe("pretrain").main(args(data, tmp_path / "victim", "training.max_steps=6", *overrides))
+        recipe_module("pretrain").main(args(data, tmp_path / "victim", "training.max_steps=6", *overrides))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()

@@ -1,5 +1,6 @@
-"""What the recipe tests share besides the tiny runs (tests/tiny.py): launching a recipe."""
+"""What the recipe tests share besides the tiny runs (tests/tiny.py): launching a recipe, or importing it."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,3 +24,11 @@ def launch(args, nproc=1, env=None, check=True, nnodes=None, kill_at=None, recip
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def recipe_module(name):
+    """recipes/<name>.py as a module, so that its `main` (or any of its functions) runs in this process."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
